@@ -1,0 +1,48 @@
+"""The `minimind-v` command (also `python -m minimind_v`).
+
+Each subcommand lives beside the code it drives: the module exposes a function that takes
+the remaining command-line words, parses them with its own argparse parser, and returns an
+exit code. This file only maps names to those functions, importing a module when it is used,
+so `minimind-v --help` stays fast and a subcommand's dependencies load only when needed.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help)
+COMMANDS = {
+    "demo": ("minimind_v.demo", "cli", "train a small VLM end to end on generated shapes and show its answers"),
+    "train": ("minimind_v.train", "cli", "pretrain or SFT a model (see `minimind-v train --help`)"),
+    "chat": ("minimind_v.chat", "cli_chat", "talk to a checkpoint about an image (streams the answer)"),
+    "eval": ("minimind_v.chat", "cli_eval", "exact-match accuracy of a checkpoint on a held-out JSONL split"),
+    "tokenizer": ("minimind_v.tokenizer", "cli", "train or inspect a sentencepiece tokenizer"),
+    "data": ("minimind_v.synthetic", "cli", "generate the synthetic shapes dataset (`data synth ...`)"),
+    "convert-clip": ("minimind_v.clip_weights", "cli", "convert CLIP vision weights (any format) to a plain state dict"),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: minimind-v COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`minimind-v COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"minimind-v: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Configuration dataclasses for the three parts of MiniMind-V.
+
+The defaults are the real model (the "MiniMind2-V" generation):
+- `LMConfig`: the 26M-parameter decoder-only language model (hidden 512, 8 layers,
+  8 query heads sharing 2 key/value heads, SwiGLU FFN 1408, RMSNorm, RoPE, vocab 6400).
+- `VisionConfig`: CLIP ViT-B/16 (224 px, patch 16, width 768, 12 layers, 12 heads).
+- `VLMConfig`: the two joined by a projector; an image is a run of `num_patches`
+  placeholder ids (`image_pad_id`) in the text, replaced by projected patch vectors.
+
+Every other module reads its sizes from these objects, so a tiny model for a test or
+a demo is just a config with smaller numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+def ffn_hidden_size(hidden_size: int, multiple_of: int = 64) -> int:
+    """SwiGLU width as upstream MiniMind derives it: 8/3 * hidden, rounded up to `multiple_of`.
+
+    8/3 keeps the parameter count of a 4x GELU MLP while using three matrices instead of two.
+    For hidden 512: int(512 * 8 / 3) = 1365 -> 1408.
+    """
+    size = int(hidden_size * 8 / 3)
+    return multiple_of * ((size + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_heads: int = 8           # query heads
+    num_kv_heads: int = 2        # key/value heads (GQA: each serves num_heads // num_kv_heads queries)
+    intermediate_size: int | None = None   # None -> ffn_hidden_size(hidden_size)
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_seq_len: int = 8192      # length of the precomputed RoPE tables (the context limit)
+    dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    attn_impl: str = "manual"    # "manual": hand-written softmax(QK^T)V; "sdpa": F.scaled_dot_product_attention
+    norm_impl: str = "eager"     # "eager": RMSNorm from raw ops; "fused": the kernels/ custom op
+
+    def __post_init__(self):
+        if self.intermediate_size is None:
+            self.intermediate_size = ffn_hidden_size(self.hidden_size)
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if (self.hidden_size // self.num_heads) % 2 != 0:
+            raise ValueError("head_dim must be even for RoPE")
+        if self.attn_impl not in ("manual", "sdpa"):
+            raise ValueError(f"attn_impl must be 'manual' or 'sdpa', got {self.attn_impl!r}")
+        if self.norm_impl not in ("eager", "fused"):
+            raise ValueError(f"norm_impl must be 'eager' or 'fused', got {self.norm_impl!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_size: int = 768       # "width" in OpenAI's CLIP
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512    # CLIP's joint image-text embedding size (visual.proj)
+    num_channels: int = 3
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VLMConfig:
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image_pad_id: int = 34       # upstream MiniMind2-V: the id of '@', repeated num_patches times
+    num_patches: int = 196       # placeholder run length = patch vectors per image
+    projector: str = "linear"    # "linear": MiniMind2-V's Linear(768, 512); "mlp": LN -> Linear -> GELU -> Linear
+
+    def __post_init__(self):
+        if isinstance(self.lm, dict):
+            self.lm = LMConfig(**self.lm)
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if self.projector not in ("linear", "mlp"):
+            raise ValueError(f"projector must be 'linear' or 'mlp', got {self.projector!r}")
+        if self.num_patches != self.vision.num_patches:
+            raise ValueError(
+                f"num_patches {self.num_patches} must equal the encoder's patch count "
+                f"{self.vision.num_patches} ((image_size / patch_size)^2)")
+
+    @property
+    def image_ids(self) -> list[int]:
+        """The placeholder run that stands for one image in the token ids."""
+        return [self.image_pad_id] * self.num_patches
+
+    def to_dict(self) -> dict:
+        return {"lm": self.lm.to_dict(), "vision": self.vision.to_dict(),
+                "image_pad_id": self.image_pad_id, "num_patches": self.num_patches,
+                "projector": self.projector}
