@@ -3,7 +3,7 @@
     y = x / sqrt(mean(x^2) + eps) * weight
 
 Unlike LayerNorm it does not subtract the mean and has no bias: one reduction per row
-instead of two. The statistic is computed in float32 even for bf16/fp16 inputs (a mean of
+instead of two. The statistic is computed in (at least) float32 even for bf16/fp16 inputs (a mean of
 squares in half precision loses digits fast), and the result is cast back to the input dtype
 before the weight multiply, as Llama and MiniMind do.
 
@@ -18,9 +18,9 @@ from torch import nn
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """x (..., D), weight (D,) -> (..., D) in x's dtype."""
-    x32 = x.float()                                       # (..., D)
-    inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)   # (..., 1)
-    return weight * (x32 * inv_rms).to(x.dtype)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))   # (..., D) at least float32
+    inv_rms = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)   # (..., 1)
+    return weight * (xf * inv_rms).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
