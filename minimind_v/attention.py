@@ -1,0 +1,143 @@
+"""Causal self-attention with grouped-query heads (GQA) and a KV cache, written out by hand.
+
+Per layer, for tokens x (B, T, D):
+    q = x Wq -> (B, T, H, hd)        H = 8 query heads
+    k = x Wk -> (B, T, H_kv, hd)     H_kv = 2 key/value heads, each shared by H / H_kv queries
+    v = x Wv -> (B, T, H_kv, hd)
+    q, k = RoPE(q, k)
+    out = softmax(q k^T / sqrt(hd) + mask) v  -> (B, T, H*hd) -> Wo
+
+GQA stores 4x fewer keys/values than full multi-head attention (the KV cache shrinks
+accordingly); `repeat_kv` copies each K/V head to the queries of its group before the matmul.
+
+Masks: the causal mask lets the query at absolute position p see keys 0..p. With a cache
+holding `past` earlier tokens, the T new queries sit at positions past..past+T-1, so the
+mask is `tril(ones(T, past+T), diagonal=past)`. An optional padding mask (B, S) hides pad keys.
+The softmax runs in float32. `attn_impl="sdpa"` swaps the matmul-softmax-matmul for
+`F.scaled_dot_product_attention` with the same mask (tests prove both equal).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LMConfig
+from .rope import apply_rope
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, T, H_kv, hd) -> (B, T, H_kv * n_rep, hd): head j of the result is kv head j // n_rep."""
+    if n_rep == 1:
+        return x
+    B, T, n_kv, hd = x.shape
+    return x[:, :, :, None, :].expand(B, T, n_kv, n_rep, hd).reshape(B, T, n_kv * n_rep, hd)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far.
+
+    Storage per layer is a preallocated buffer (B, capacity, H_kv, hd) that new tokens are
+    written into in place; when it is full, capacity doubles (one copy, amortised O(1) per
+    token), so a decode step never re-copies the whole history as `torch.cat` would.
+    """
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.lengths: list[int] = []
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions (of layer 0; all layers agree after a full forward)."""
+        return self.lengths[0] if self.lengths else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, T, H_kv, hd) for `layer`; return all keys/values (B, past+T, H_kv, hd)."""
+        B, T, n_kv, hd = k.shape
+        if layer == len(self.keys):                      # first call for this layer
+            cap = max(16, T)
+            self.keys.append(k.new_empty(B, cap, n_kv, hd))
+            self.values.append(v.new_empty(B, cap, n_kv, hd))
+            self.lengths.append(0)
+        past = self.lengths[layer]
+        if past + T > self.keys[layer].shape[1]:         # grow: double the capacity
+            cap = max(2 * self.keys[layer].shape[1], past + T)
+            for store in (self.keys, self.values):
+                bigger = store[layer].new_empty(B, cap, n_kv, hd)
+                bigger[:, :past] = store[layer][:, :past]
+                store[layer] = bigger
+        self.keys[layer][:, past:past + T] = k
+        self.values[layer][:, past:past + T] = v
+        self.lengths[layer] = past + T
+        return self.keys[layer][:, :past + T], self.values[layer][:, :past + T]
+
+
+def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
+    """(T, S) bool, True where query i (absolute position S-T+i) may attend to key j."""
+    past = S - T
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def build_mask(T: int, S: int, attention_mask: torch.Tensor | None, device=None) -> torch.Tensor:
+    """Causal mask combined with an optional padding mask (B, S) of 1 = token, 0 = pad.
+
+    Returns bool (1, 1, T, S) or (B, 1, T, S), True = may attend.
+    """
+    mask = causal_mask(T, S, device)[None, None]                     # (1, 1, T, S)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, "
+                             f"but there are {S} keys (cached + new)")
+        mask = mask & attention_mask.bool()[:, None, None, :]        # (B, 1, T, S)
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Hand-written attention. q (B, H, T, hd), k/v (B, H, S, hd), mask bool (.., T, S) -> (B, H, T, hd)."""
+    scores = ((q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)).float()   # (B, H, T, S) float32
+    # A large finite negative (not -inf) keeps rows that see no key at all (left pads) NaN-free.
+    scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    probs = scores.softmax(dim=-1).to(q.dtype)                            # (B, H, T, S)
+    probs = F.dropout(probs, p=dropout_p, training=training)
+    return probs @ v                                                       # (B, H, T, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.n_rep = self.n_heads // self.n_kv
+        self.impl = cfg.attn_impl
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, D); cos/sin (T, hd) for these tokens' positions; mask bool (B or 1, 1, T, S)
+        from `build_mask` (built once per forward by the model, shared by all layers)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)    # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)       # (B, T, H_kv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        q, k = apply_rope(q, k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)        # (B, S, H_kv, hd), S = past + T
+        q = q.transpose(1, 2)                                   # (B, H, T, hd)
+        k = repeat_kv(k, self.n_rep).transpose(1, 2)            # (B, H, S, hd)
+        v = repeat_kv(v, self.n_rep).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        if self.impl == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            out = attend(q, k, v, mask, p, self.training)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)   # (B, T, H*hd)
+        return self.resid_dropout(self.o_proj(out))

@@ -1,0 +1,134 @@
+"""Saving and loading weights: atomic writes, and import of upstream MiniMind checkpoints.
+
+Upstream MiniMind (and Hugging Face's Llama, which uses the same names) stores the language
+model as `model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`,
+`model.layers.N.mlp.gate_proj.weight`, `model.layers.N.input_layernorm.weight`,
+`model.norm.weight`, `lm_head.weight`. Our modules have their own, shorter names
+(`layers.N.attn.q_proj.weight`, `layers.N.attn_norm.weight`, ...); `UPSTREAM_TO_OURS` is the
+whole translation. Every load is strict: missing, unexpected and mis-shaped keys are listed
+in the error, never silently skipped. Files are read with `torch.load(weights_only=True)`,
+which refuses to run code hidden in a pickle.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import LMConfig
+
+# (upstream regex, our template); per-layer names carry the layer index through \1
+UPSTREAM_TO_OURS = [
+    (r"model\.embed_tokens\.weight", "embed_tokens.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"layers.\1.attn.\2_proj.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.ffn.\2_proj.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
+
+    A crash mid-write leaves the previous file intact: rename is atomic on POSIX.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_state_dict(path: str | os.PathLike, map_location="cpu") -> dict:
+    """A state dict from a .pth/.pt file, never executing code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a loadable weights-only checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}")
+    return state
+
+
+def translate_upstream(state: dict, source: str = "state dict") -> tuple[dict, list[str]]:
+    """Rename upstream LM keys to ours. Returns (ours, keys that matched no rule)."""
+    ours, unknown = {}, []
+    for key, value in state.items():
+        for pattern, template in UPSTREAM_TO_OURS:
+            if re.fullmatch(pattern, key):
+                ours[re.sub(pattern, template, key)] = value
+                break
+        else:
+            unknown.append(key)
+    return ours, unknown
+
+
+def strict_load(module: torch.nn.Module, state: dict, source: str, ignore: tuple[str, ...] = ()) -> None:
+    """load_state_dict that reports every missing, unexpected and mis-shaped key by name."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith(ignore)]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        lines = [f"{source}: does not match the model"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
+        if shapes:
+            lines.append("  wrong shapes: " + "; ".join(shapes[:20]))
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state, strict=not ignore)
+
+
+def load_upstream(path_or_state_dict, cfg, clip=None):
+    """Build our model from an upstream MiniMind checkpoint.
+
+    `cfg` is an `LMConfig` (returns `MiniMindLM`) or a `VLMConfig` (returns `MiniMindVLM`,
+    whose frozen encoder comes from `clip`). Tied embeddings: upstream files may or may not
+    store `lm_head.weight`; when present it must equal the embedding matrix.
+    """
+    from .lm import MiniMindLM
+
+    if isinstance(path_or_state_dict, dict):
+        state, source = path_or_state_dict, "state dict"
+    else:
+        state, source = load_state_dict(path_or_state_dict), str(path_or_state_dict)
+    if not isinstance(cfg, LMConfig):
+        return _load_upstream_vlm(state, cfg, clip, source)
+    ours, unknown = translate_upstream(state, source)
+    if unknown:
+        raise ValueError(f"{source}: unexpected keys for a MiniMind LM ({len(unknown)}): "
+                         f"{', '.join(unknown[:20])}")
+    model = MiniMindLM(cfg)
+    if cfg.tie_word_embeddings and "lm_head.weight" in ours and "embed_tokens.weight" in ours:
+        if not torch.equal(ours["lm_head.weight"], ours["embed_tokens.weight"]):
+            raise ValueError(f"{source}: lm_head.weight differs from model.embed_tokens.weight, "
+                             f"but the config ties them (set tie_word_embeddings=False)")
+    if cfg.tie_word_embeddings:
+        ours.setdefault("lm_head.weight", ours.get("embed_tokens.weight"))
+        if ours["lm_head.weight"] is None:
+            del ours["lm_head.weight"]
+    strict_load(model, ours, source)
+    return model
+
+
+def _load_upstream_vlm(state, cfg, clip, source):
+    raise NotImplementedError("loading upstream MiniMind-V checkpoints needs minimind_v.vlm")

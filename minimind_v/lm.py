@@ -1,0 +1,109 @@
+"""The MiniMind language model: a decoder-only transformer of pre-norm blocks.
+
+    ids (B, T) -> embed (B, T, D) -> [Block] x L -> RMSNorm -> lm_head -> logits (B, T, V)
+    Block:  h = h + Attention(RMSNorm(h));  h = h + SwiGLU(RMSNorm(h))
+
+Pre-norm (normalise the input of each sub-layer, add its output back unnormalised) keeps a
+clean residual path from the embeddings to the top, which is what lets deep stacks train
+without warmup tricks. The output matrix is tied to the embedding matrix (one 6400 x 512
+table serves both), which is 3.3M of the 25.8M parameters.
+
+The VLM reuses this class: it calls `embed` to get token vectors, overwrites the image
+placeholder positions with projected patch vectors, then `forward_embeds` for the rest.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, KVCache, build_mask
+from .config import LMConfig
+from .ffn import SwiGLU
+from .norm import RMSNorm
+from .rope import rope_tables
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_impl)
+        self.attn = Attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_impl)
+        self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.dropout)
+
+    def forward(self, h, cos, sin, mask, kv_cache=None):
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask, kv_cache)   # (B, T, D)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class MiniMindLM(nn.Module):
+    def __init__(self, cfg: LMConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or LMConfig()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_impl)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # not in the state dict: they are a function of the config
+        self.register_buffer("rope_cos", cos, persistent=False)   # (max_seq_len, hd)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) token vectors."""
+        return self.embed_tokens(input_ids)
+
+    def forward_embeds(self, h: torch.Tensor, kv_cache: KVCache | None = None,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the blocks on token vectors h (B, T, D) -> logits (B, T, V).
+
+        With a cache holding `past` tokens, h are the next T tokens (positions past..past+T-1).
+        attention_mask (B, past+T): 1 = real token, 0 = padding (e.g. left-padded prompts).
+        """
+        B, T, _ = h.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context limit "
+                             f"max_seq_len={self.cfg.max_seq_len}")
+        cos = self.rope_cos[past:past + T].to(h.dtype)                 # (T, hd)
+        sin = self.rope_sin[past:past + T].to(h.dtype)
+        mask = build_mask(T, past + T, attention_mask, h.device)       # (B|1, 1, T, S)
+        h = self.dropout(h)
+        for block in self.layers:
+            h = block(h, cos, sin, mask, kv_cache)
+        return self.lm_head(self.norm(h))                               # (B, T, V)
+
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V)."""
+        return self.forward_embeds(self.embed(input_ids), kv_cache, attention_mask)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts labels[t+1]; -100 labels are ignored.
+
+    logits (B, T, V), labels (B, T) -> scalar mean over the counted positions.
+    """
+    shift_logits = logits[:, :-1, :].float()             # (B, T-1, V)
+    shift_labels = labels[:, 1:]                         # (B, T-1)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                           shift_labels.reshape(-1), ignore_index=ignore_index)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Unique parameters (a tied matrix counts once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
