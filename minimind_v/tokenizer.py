@@ -1,0 +1,247 @@
+"""The tokenizer: text <-> token ids, the chat template, and the image placeholder run.
+
+Where it sits: the first and last step of the data flow. `data.py` turns each conversation into
+ids with `encode_conversation`; the model sees ids; `generate` produces ids that `decode` turns
+back into text.
+
+What it is: a byte-level-fallback BPE model trained with sentencepiece (the same kind of
+vocabulary MiniMind uses, 6400 pieces by default), plus a handful of special tokens:
+
+    id 0  <|endoftext|>   padding (and end of a plain document)
+    id 1  <|im_start|>    starts a chat turn        (bos_id)
+    id 2  <|im_end|>      ends a chat turn          (eos_id: generation stops here)
+    id 3  <|image_pad|>   one patch of an image     (image_pad_id)
+    id 4  <unk>           never produced: byte fallback covers every string
+
+Why byte fallback: a character the BPE never saw (a rare Chinese character, an emoji) is spelled
+as its UTF-8 bytes, one token per byte (`<0xF0> <0x9F> <0x98> <0x80>`), so no text is ever unknown
+and `decode(encode(s)) == s` for every string. Normalisation is switched off for the same reason.
+
+The chat template is ChatML, as MiniMind:
+
+    <|im_start|>{role}\n{content}<|im_end|>\n      ... and `<|im_start|>assistant\n` as the
+                                                       generation prompt
+
+An image is written `<image>` in a message. The model needs one position per image patch, so
+`encode_conversation` replaces it with a run of `num_patches` copies of `image_pad_id`. The
+special token is a single piece of its own that BPE never merges with neighbouring text, so
+the run is always exactly `num_patches` long. (Upstream MiniMind2-V uses the ordinary character
+'@' (id 34) repeated 196 times; a dedicated token cannot collide with an '@' in the text.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+
+PAD, BOS, EOS, IMAGE_PAD, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IMAGE_PAD]   # ids 0, 1, 2, 3; <unk> is id 4
+IMAGE_TOKEN = "<image>"                       # what a conversation writes where an image stands
+SPACE_MARK = "\u2581"                         # '▁': sentencepiece's internal stand-in for a space
+
+
+def chat_template(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """ChatML: one `<|im_start|>{role}\\n{content}<|im_end|>\\n` block per message."""
+    text = "".join(f"{BOS}{m['role']}\n{m['content']}{EOS}\n" for m in messages)
+    return text + (f"{BOS}assistant\n" if add_generation_prompt else "")
+
+
+def conversation_text(record: dict) -> str:
+    """The training text of one JSONL record: its conversation in the chat template, images removed."""
+    messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, "")}
+                for m in record["conversations"]]
+    return chat_template(messages)
+
+
+class Tokenizer:
+    """A trained sentencepiece BPE model with MiniMind's special tokens and chat template."""
+
+    def __init__(self, model_file: str | os.PathLike):
+        model_file = Path(model_file)
+        if not model_file.is_file():
+            raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
+        self.model_file = model_file
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        for expected_id, piece in enumerate(SPECIAL_TOKENS):
+            if self.sp.piece_to_id(piece) != expected_id:
+                raise ValueError(f"{model_file}: special token {piece!r} should have id {expected_id}, "
+                                 f"has {self.sp.piece_to_id(piece)} (was it trained with Tokenizer.train?)")
+        self.pad_id, self.bos_id, self.eos_id, self.image_pad_id = range(4)
+        self.special_ids = {piece: i for i, piece in enumerate(SPECIAL_TOKENS)}
+        # a literal '▁' in the text would decode as a space, so it is always spelled as its 3 bytes
+        self._space_mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode()]
+
+    # ------------------------------------------------------------------ training
+    @classmethod
+    def train(cls, input_files, out_prefix, vocab_size: int = 6400,
+              user_defined_symbols: list[str] = (), character_coverage: float = 0.9995,
+              max_sentences: int = 2_000_000, num_threads: int = 1) -> "Tokenizer":
+        """Train a BPE model on JSONL conversations (`.jsonl`) or plain text files (one line each).
+
+        Writes `out_prefix.model` and `out_prefix.vocab` and returns the loaded tokenizer.
+        `user_defined_symbols` are extra strings kept as single pieces wherever they occur (the
+        demo passes its answer words so that each is one whole token). On a small corpus the
+        vocabulary may come out smaller than `vocab_size` (it stops when nothing is left to merge);
+        `len(tokenizer)` is the real size.
+        """
+        files = [Path(f) for f in ([input_files] if isinstance(input_files, (str, os.PathLike)) else input_files)]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"tokenizer training input {f} does not exist")
+        out_prefix = Path(out_prefix)
+        out_prefix.parent.mkdir(parents=True, exist_ok=True)
+        sentences = list(_training_sentences(files, max_sentences))   # read (and check) everything first
+        extra = [s for s in dict.fromkeys(user_defined_symbols) if s and s not in SPECIAL_TOKENS]
+        try:
+            _train_sentencepiece(sentences, out_prefix, vocab_size, character_coverage, extra, num_threads)
+        except RuntimeError as e:
+            if "Vocabulary size is smaller than required_chars" in str(e):
+                raise ValueError(f"vocab_size {vocab_size} is too small: it must hold 4 special tokens, "
+                                 f"<unk>, the 256 byte pieces, {len(extra)} user symbols and every kept "
+                                 f"character ({str(e).split('.')[-3].strip()})") from None
+            raise
+        return cls(f"{out_prefix}.model")
+
+    # ------------------------------------------------------------------ text <-> ids
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids. Special-token strings in the text (e.g. '<|im_end|>') become their single ids."""
+        ids: list[int] = []
+        for i, part in enumerate(text.split(SPACE_MARK)):
+            if i:
+                ids += self._space_mark_ids
+            if part:
+                ids += self.sp.encode(part)
+        return ids
+
+    def decode(self, ids) -> str:
+        """Ids -> text (special tokens are written out as their strings)."""
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def pieces(self, text: str) -> list[str]:
+        """How `text` is cut: the piece of every id (handy for looking at a tokenization)."""
+        return [self.id_to_piece(i) for i in self.encode(text)]
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Messages [{'role', 'content'}, ...] -> the ChatML text (`<image>` left as written)."""
+        return chat_template(messages, add_generation_prompt)
+
+    def encode_content(self, content: str, num_patches: int) -> list[int]:
+        """One message's content -> ids, each `<image>` replaced by `num_patches` image-pad ids."""
+        ids: list[int] = []
+        for i, text in enumerate(content.split(IMAGE_TOKEN)):
+            if i:
+                ids += [self.image_pad_id] * num_patches
+            ids += self.encode(text)
+        return ids
+
+    def encode_conversation(self, messages: list[dict], num_patches: int = 196,
+                            add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """Messages -> (ids, is_target): the chat template as ids, and which ids the model must learn.
+
+        Every piece of the template is encoded on its own (`<|im_start|>`, `{role}\\n`, content,
+        `<|im_end|>`, `\\n`), so the boundaries between them never shift with the text around, and
+        training and chat see the same ids. `is_target` is True exactly on the assistant's content
+        and its closing `<|im_end|>` (that is where the loss is taken).
+        """
+        ids: list[int] = []
+        target: list[bool] = []
+
+        def add(new_ids, is_target):
+            ids.extend(new_ids)
+            target.extend([is_target] * len(new_ids))
+
+        for m in messages:
+            learn = m["role"] == "assistant"
+            add([self.bos_id] + self.encode(f"{m['role']}\n"), False)
+            add(self.encode_content(m["content"], num_patches) + [self.eos_id], learn)
+            add(self.encode("\n"), False)
+        if add_generation_prompt:
+            add([self.bos_id] + self.encode("assistant\n"), False)
+        return ids, target
+
+
+def _train_sentencepiece(sentences, out_prefix, vocab_size, character_coverage, extra, num_threads):
+    """The sentencepiece settings that make MiniMind's vocabulary layout and exact round trips."""
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=str(out_prefix), model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True,                    # unseen characters -> UTF-8 bytes, never <unk>
+        character_coverage=character_coverage, # rarest characters left to the byte fallback
+        normalization_rule_name="identity",    # no NFKC: decode(encode(s)) must give s back
+        add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True,
+        max_sentence_length=1 << 16, hard_vocab_limit=False,
+        pad_id=-1, bos_id=-1, eos_id=-1, unk_id=len(SPECIAL_TOKENS), unk_piece=UNK,
+        user_defined_symbols=SPECIAL_TOKENS + extra,   # ids 0..3, always single pieces
+        num_threads=num_threads, minloglevel=2)
+
+
+def _training_sentences(files: list[Path], max_sentences: int):
+    """Yield training text: one templated conversation per JSONL record, or one line per text line."""
+    n = 0
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if n >= max_sentences:
+                    return
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if f.suffix == ".jsonl":
+                    try:
+                        text = conversation_text(json.loads(line))
+                    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                        raise ValueError(f"{f}:{lineno}: expected a JSON object with 'conversations' "
+                                         f"[{{'role', 'content'}}, ...]: {e}") from None
+                else:
+                    text = line
+                n += 1
+                yield text
+
+
+# ---------------------------------------------------------------------- command line
+def cli(argv: list[str]) -> int:
+    """`minimind-v tokenizer train|encode ...`"""
+    parser = argparse.ArgumentParser(prog="minimind-v tokenizer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    t = sub.add_parser("train", help="train a BPE tokenizer on JSONL conversations or text files")
+    t.add_argument("inputs", nargs="+", help=".jsonl conversation files or plain text files")
+    t.add_argument("--out", required=True, help="output prefix: writes OUT.model and OUT.vocab")
+    t.add_argument("--vocab-size", type=int, default=6400)
+    t.add_argument("--symbols", default="", help="comma-separated strings to keep as single pieces")
+    t.add_argument("--character-coverage", type=float, default=0.9995)
+    e = sub.add_parser("encode", help="show how a text is tokenized")
+    e.add_argument("--model", required=True, help="a .model file")
+    e.add_argument("text")
+    args = parser.parse_args(argv)
+    if args.action == "train":
+        symbols = [s for s in args.symbols.split(",") if s]
+        tok = Tokenizer.train(args.inputs, args.out, args.vocab_size, user_defined_symbols=symbols,
+                              character_coverage=args.character_coverage)
+        print(f"wrote {tok.model_file} ({len(tok)} pieces)")
+    else:
+        tok = Tokenizer(args.model)
+        ids = tok.encode(args.text)
+        print(f"{len(ids)} tokens")
+        for i in ids:
+            print(f"{i:6d}  {tok.id_to_piece(i)!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(sys.argv[1:]))
