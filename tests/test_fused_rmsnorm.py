@@ -1,0 +1,232 @@
+"""The fused RMSNorm custom op (kernels/ + minimind_v.ops) against the eager reference.
+
+Eager `minimind_v.norm.rms_norm` with autograd is the trusted reference: forward, dx and dw must
+match at awkward sizes, dtypes and layouts. The op must also satisfy torch.library.opcheck, pass
+gradcheck in float64, run under torch.compile(fullgraph=True), and a MiniMindLM must train the
+same step with either norm implementation.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minimind_v.norm import RMSNorm, rms_norm
+
+from minimind_v import ops
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12),
+       torch.bfloat16: dict(atol=5e-2, rtol=2e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+# gradients in half precision are compared to the fp32-accumulated eager result, loosely
+GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10),
+            torch.bfloat16: dict(atol=1e-1, rtol=5e-2), torch.float16: dict(atol=2e-2, rtol=1e-2)}
+
+
+def make_inputs(shape, dtype, w_dtype=None, contiguous=True, seed=0, device="cpu"):
+    """x (shape) with non-trivial values, weight (D,) in [0.5, 1.5), grad_y (shape) float32."""
+    g = torch.Generator().manual_seed(seed)
+    D = shape[-1]
+    if contiguous:
+        x = (torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+    else:  # same shape, a transposed view of a larger buffer with a gap: strides are not (..., D, 1)
+        rows = shape[-2] if len(shape) >= 2 else 1
+        big = (torch.randn(*shape[:-2], D, rows + 3, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+        x = big[..., :rows].transpose(-1, -2).reshape(shape) if len(shape) >= 2 else big[:, 0]
+        assert not x.is_contiguous() and x.shape == torch.Size(shape)
+    w = (torch.rand(D, generator=g) + 0.5).to(device=device, dtype=w_dtype or dtype)
+    gy = torch.randn(shape, generator=g).to(device)
+    return x, w, gy
+
+
+def run(fn, x, w, gy, eps):
+    x = x.detach().clone().requires_grad_(True) if x.is_contiguous() else x.detach().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    y = fn(x, w, eps)
+    y.backward(gy.to(y.dtype))
+    return y.detach(), x.grad, w.grad
+
+
+def check_against_eager(shape, dtype, w_dtype=None, contiguous=True, eps=1e-5, device="cpu"):
+    x, w, gy = make_inputs(shape, dtype, w_dtype, contiguous, device=device)
+    y_ref, dx_ref, dw_ref = run(rms_norm, x, w, gy, eps)
+    y, dx, dw = run(ops.fused_rms_norm, x, w, gy, eps)
+    assert y.dtype == y_ref.dtype and dx.dtype == x.dtype and dw.dtype == w.dtype
+    assert y.shape == x.shape and dx.shape == x.shape and dw.shape == w.shape
+    tol, gtol = TOL[dtype], GRAD_TOL[dtype]
+    torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+    torch.testing.assert_close(dx.float(), dx_ref.float(), **gtol)
+    # dw sums over all rows: scale the tolerance with the row count for the half precisions
+    rows = x.numel() // shape[-1]
+    dw_tol = gtol if dtype in (torch.float32, torch.float64) else \
+        dict(atol=gtol["atol"] * rows ** 0.5, rtol=gtol["rtol"])
+    torch.testing.assert_close(dw.float(), dw_ref.float(), **dw_tol)
+
+
+SHAPES = [(1, 1), (1, 50), (7, 50), (2, 3, 4097), (300, 50), (64, 512), (5, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_eager(shape, dtype):
+    check_against_eager(shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [(7, 50), (2, 5, 33), (40, 4097)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_eager_non_contiguous(shape, dtype):
+    check_against_eager(shape, dtype, contiguous=False)
+
+
+def test_float64_matches_eager():
+    check_against_eager((9, 70), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_input_with_float32_weight_promotes_like_eager(dtype):
+    # what autocast gives the model: bf16 activations, float32 RMSNorm weight -> float32 output
+    check_against_eager((33, 96), dtype, w_dtype=torch.float32)
+
+
+def test_forward_float32_is_close_to_bitwise():
+    x, w, _ = make_inputs((128, 512), torch.float32)
+    torch.testing.assert_close(ops.fused_rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6), atol=2e-6, rtol=1e-6)
+
+
+def test_rstd_is_the_reciprocal_rms():
+    x, w, _ = make_inputs((4, 6, 40), torch.bfloat16)
+    y, rstd = torch.ops.minimind.fused_rms_norm_forward(x, w, 1e-5)
+    assert rstd.shape == (4, 6) and rstd.dtype == torch.float32
+    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + 1e-5))
+
+
+def test_dw_is_deterministic_across_thread_counts():
+    x, w, gy = make_inputs((1000, 96), torch.float32, seed=3)
+    _, rstd = torch.ops.minimind.fused_rms_norm_forward(x, w, 1e-5)
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.minimind.fused_rms_norm_backward(gy, x, w, rstd))
+    finally:
+        torch.set_num_threads(old)
+    for dx, dw in results[1:]:
+        assert torch.equal(dw, results[0][1]) and torch.equal(dx, results[0][0])
+
+
+def test_empty_input():
+    x = torch.randn(0, 8, requires_grad=True)
+    w = torch.ones(8, requires_grad=True)
+    y = ops.fused_rms_norm(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 8) and torch.equal(w.grad, torch.zeros(8))
+
+
+def test_gradcheck_float64():
+    x, w, _ = make_inputs((5, 13), torch.float64, seed=1)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.fused_rms_norm(a, b, 1e-5), (x, w))
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 50), torch.float32), ((2, 3, 17), torch.float64),
+                                         ((4, 64), torch.bfloat16), ((1, 1), torch.float16)], ids=str)
+def test_opcheck(shape, dtype):
+    x, w, gy = make_inputs(shape, dtype)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    torch.library.opcheck(torch.ops.minimind.fused_rms_norm_forward, (x, w, 1e-5))
+    torch.library.opcheck(torch.ops.minimind.fused_rms_norm, (x, w, 1e-5))
+    _, rstd = torch.ops.minimind.fused_rms_norm_forward(x.detach(), w.detach(), 1e-5)
+    torch.library.opcheck(torch.ops.minimind.fused_rms_norm_backward,
+                          (gy.to(dtype), x.detach(), w.detach(), rstd))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    norm = RMSNorm(48, impl="fused")
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+
+    def f(x):
+        return norm(x * 2.0).sin().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x, _, _ = make_inputs((3, 5, 48), torch.float32)
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    out = compiled(x1)
+    out.backward()
+    ref = rms_norm(x2 * 2.0, norm.weight.detach(), norm.eps).sin().sum()
+    ref.backward()
+    torch.testing.assert_close(out, ref.detach(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_rmsnorm_module_fused_matches_eager():
+    torch.manual_seed(0)
+    eager, fused = RMSNorm(64, 1e-6, "eager"), RMSNorm(64, 1e-6, "fused")
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5)
+        fused.weight.copy_(eager.weight)
+    x = torch.randn(2, 9, 64)
+    torch.testing.assert_close(fused(x), eager(x), atol=1e-6, rtol=1e-5)
+
+
+def test_lm_training_step_fused_matches_eager():
+    from minimind_v.config import LMConfig
+    from minimind_v.lm import MiniMindLM
+
+    def step(norm_impl):
+        torch.manual_seed(0)
+        cfg = LMConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       max_seq_len=64, norm_impl=norm_impl)
+        model = MiniMindLM(cfg)
+        with torch.no_grad():   # non-trivial norm weights, so dw and w both matter
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
+        ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for _ in range(2):
+            logits = model(ids[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        return losses, dict(model.named_parameters())
+
+    (l_e, p_e), (l_f, p_f) = step("eager"), step("fused")
+    torch.testing.assert_close(torch.stack(l_f), torch.stack(l_e), atol=1e-5, rtol=1e-5)
+    assert any("norm" in n for n in p_e)
+    for name in p_e:
+        torch.testing.assert_close(p_f[name], p_e[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_bad_input_errors_name_the_problem():
+    with pytest.raises(RuntimeError, match="weight has 7 elements but x's last dimension is 8"):
+        ops.fused_rms_norm(torch.randn(3, 8), torch.ones(7))
+    with pytest.raises(RuntimeError, match="must be float32, float64, bfloat16 or float16"):
+        ops.fused_rms_norm(torch.ones(3, 8, dtype=torch.int32), torch.ones(8, dtype=torch.int32))
+    # and a good call right after works
+    assert ops.fused_rms_norm(torch.randn(3, 8), torch.ones(8)).shape == (3, 8)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason="CUDA is not available: the CUDA kernel (kernels/rmsnorm.cu) is not built")
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(1, 1), (7, 50), (2, 3, 4097), (300, 512), (64, 768)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_matches_eager(shape, dtype):
+    check_against_eager(shape, dtype, device="cuda")
+    check_against_eager(shape, dtype, device="cuda", contiguous=False)
+
+
+@requires_cuda
+def test_cuda_opcheck_and_mixed_dtype():
+    x, w, _ = make_inputs((33, 256), torch.bfloat16, w_dtype=torch.float32, device="cuda")
+    torch.library.opcheck(torch.ops.minimind.fused_rms_norm_forward, (x.requires_grad_(True), w, 1e-5))
+    check_against_eager((33, 256), torch.bfloat16, w_dtype=torch.float32, device="cuda")
