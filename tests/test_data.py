@@ -1,0 +1,235 @@
+"""VLMDataset and collate: the seed's records parse, labels cover exactly the assistant replies,
+truncation never splits an image, and every kind of bad record is reported or counted."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from minimind_v.data import IGNORE, BadRecord, VLMDataset, collate, truncate
+from minimind_v.image import preprocess
+from minimind_v.synthetic import answer_words, make_dataset
+from minimind_v.tokenizer import EOS, IMAGE_PAD, Tokenizer
+
+SEED_RECORDS = [   # the two example records of the seed's notes, verbatim
+    {"conversations": [{"role": "user", "content": "提供给定图像的简要描述。\n<image>"},
+                       {"role": "assistant", "content": "橄榄油是自由使用的健康成分。"}],
+     "image": "GCC_train_002582585.jpg"},
+    {"conversations": [{"role": "user", "content": "闹钟的位置对睡眠质量有什么影响？<image>"},
+                       {"role": "assistant", "content": "把数字闹钟放在床头柜..."}],
+     "image": "train-00000-of-00001_image_0_0.jpg"},
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
+                            for r in records), encoding="utf-8")
+    return path
+
+
+def picture(path, mode="RGB", size=(40, 30), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rgb = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+    Image.fromarray(rgb).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("d") / "shapes", n_train=40, n_test=10, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory, shapes):
+    tmp = tmp_path_factory.mktemp("tok")
+    seed = write_jsonl(tmp / "seed.jsonl", SEED_RECORDS * 5)
+    return Tokenizer.train([shapes / "sft_train.jsonl", shapes / "pretrain_train.jsonl", seed], tmp / "t",
+                           vocab_size=400, user_defined_symbols=answer_words())
+
+
+def runs_of(ids, pad):
+    """Lengths of the runs of `pad` in `ids`, left to right."""
+    return [len(m) for m in re.findall(r"p+", "".join("p" if i == pad else "." for i in ids))]
+
+
+def check_item(item, tok, messages, num_patches):
+    """Labels spell exactly the assistant replies + <|im_end|>, and agree with input_ids there."""
+    ids, labels = item["input_ids"], item["labels"]
+    assert ids.dtype == labels.dtype == torch.long and ids.shape == labels.shape
+    on = labels != IGNORE
+    assert torch.equal(labels[on], ids[on])
+    want = "".join(m["content"] + EOS for m in messages if m["role"] == "assistant")
+    assert tok.decode(ids[on].tolist()) == want
+    n_images = sum(m["content"].count("<image>") for m in messages)
+    assert runs_of(ids.tolist(), tok.image_pad_id) == [num_patches] * n_images
+    assert item["pixel_values"].shape[0] == n_images == len(item["image_paths"])
+
+
+def test_seed_records_parse(tmp_path, tok):
+    for r in SEED_RECORDS:
+        picture(tmp_path / r["image"], size=(300, 200))
+    ds = VLMDataset(write_jsonl(tmp_path / "seed.jsonl", SEED_RECORDS), tmp_path, tok, max_length=640)
+    assert len(ds) == 2
+    for i, r in enumerate(SEED_RECORDS):
+        item = ds[i]
+        check_item(item, tok, r["conversations"], 196)
+        assert item["pixel_values"].shape == (1, 3, 224, 224)
+        assert torch.equal(item["pixel_values"][0], preprocess(Image.open(tmp_path / r["image"]), 224))
+        assert item["image_paths"] == [str(tmp_path / r["image"])]
+        # the image run sits after the question, as written
+        text = tok.decode(item["input_ids"].tolist())
+        assert text == tok.apply_chat_template(r["conversations"]).replace("<image>", IMAGE_PAD * 196)
+
+
+def test_synthetic_splits_labels(shapes, tok):
+    for name in ("sft_train", "pretrain_test"):
+        ds = VLMDataset(shapes / f"{name}.jsonl", shapes / "images", tok, max_length=256, num_patches=9,
+                        image_size=48)
+        recs = [json.loads(line) for line in open(shapes / f"{name}.jsonl", encoding="utf-8")]
+        assert len(ds) == len(recs)
+        for item, r in zip(ds, recs):
+            check_item(item, tok, r["conversations"], 9)
+            assert item["pixel_values"].shape == (1, 3, 48, 48)
+
+
+def test_multi_turn_multi_image_and_modes(tmp_path, tok):
+    names = [picture(tmp_path / f"{m}.png", mode=m, seed=k).name for k, m in enumerate(["RGBA", "L", "P"])]
+    rec = {"conversations": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "<image>What colour is the circle?<image>"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "And here?\n<image>"},
+        {"role": "assistant", "content": "蓝色 circle"}], "image": " , ".join(names)}
+    ds = VLMDataset(write_jsonl(tmp_path / "m.jsonl", [rec]), tmp_path, tok, max_length=200, num_patches=7,
+                    image_size=32)
+    item = ds[0]
+    check_item(item, tok, rec["conversations"], 7)
+    for k, n in enumerate(names):   # n-th run <-> n-th picture, each converted from its own mode
+        assert torch.equal(item["pixel_values"][k], preprocess(Image.open(tmp_path / n), 32))
+    # a list of names works too
+    rec["image"] = names
+    assert torch.equal(VLMDataset(write_jsonl(tmp_path / "l.jsonl", [rec]), tmp_path, tok, 200, 7, 32)[0]["input_ids"],
+                       item["input_ids"])
+
+
+def test_truncation_never_splits_an_image(tmp_path, tok):
+    names = [picture(tmp_path / f"{k}.png", seed=k).name for k in range(3)]
+    rec = {"conversations": [{"role": "user", "content": "a<image>b<image><image>c"},
+                             {"role": "assistant", "content": "two circles"}], "image": ",".join(names)}
+    full = VLMDataset(write_jsonl(tmp_path / "t.jsonl", [rec]), tmp_path, tok, 10_000, 5, 16)[0]
+    T = len(full["input_ids"])
+    for max_length in range(1, T + 3):
+        item = VLMDataset(tmp_path / "t.jsonl", tmp_path, tok, max_length, 5, 16)[0]
+        ids = item["input_ids"].tolist()
+        assert len(ids) <= max_length
+        assert ids == full["input_ids"].tolist()[:len(ids)]                  # a prefix
+        assert len(ids) >= max_length - 4                                   # backed up by less than a run
+        n = item["pixel_values"].shape[0]
+        assert ids.count(tok.image_pad_id) == 5 * n                          # only whole images
+        assert torch.equal(item["pixel_values"], full["pixel_values"][:n])
+        assert item["image_paths"] == full["image_paths"][:n]
+        assert torch.equal(item["labels"], full["labels"][:len(ids)])
+    # the helper on its own: a cut inside a run of 2 images backs up to the end of the first
+    ids = [7, 3, 3, 3, 3, 8]
+    assert truncate(ids, [False] * 6, 4, image_pad_id=3, num_patches=2) == ([7, 3, 3], [False] * 3, 1)
+
+
+def test_collate(shapes, tok):
+    ds = VLMDataset(shapes / "sft_test.jsonl", shapes / "images", tok, 256, num_patches=9, image_size=48)
+    text_only = {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([IGNORE, 6]),
+                 "pixel_values": torch.zeros(0, 3, 48, 48), "image_paths": []}
+    items = [ds[0], ds[1], text_only]
+    b = collate(items)
+    T = max(len(x["input_ids"]) for x in items)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (3, T)
+    assert b["pixel_values"].shape == (3, 1, 3, 48, 48)
+    assert b["image_counts"].tolist() == [1, 1, 0]
+    assert b["image_paths"] == [ds[0]["image_paths"], ds[1]["image_paths"], []]
+    for k, x in enumerate(items):
+        t = len(x["input_ids"])
+        assert torch.equal(b["input_ids"][k, :t], x["input_ids"]) and (b["input_ids"][k, t:] == tok.pad_id).all()
+        assert torch.equal(b["labels"][k, :t], x["labels"]) and (b["labels"][k, t:] == IGNORE).all()
+        assert b["attention_mask"][k].sum() == t
+    assert torch.equal(b["pixel_values"][0, 0], ds[0]["pixel_values"][0])
+    assert (b["pixel_values"][2] == 0).all()
+
+
+def user_assistant(q="What colour?<image>", a="red", image="ok.png"):
+    rec = {"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    if image is not None:
+        rec["image"] = image
+    return rec
+
+
+BAD = {   # case -> (record or raw line, reason counted when skipped, what the error says)
+    "malformed JSON": ('{"conversations": [', "malformed JSON", "malformed JSON"),
+    "not an object": ("[1, 2]", "malformed JSON", "expected a JSON object"),
+    "no conversations": ({"image": "ok.png"}, "missing key", "missing key 'conversations'"),
+    "no content": ({"conversations": [{"role": "user"}], "image": "ok.png"}, "missing key", "turn 0: missing key 'content'"),
+    "no role": ({"conversations": [{"content": "hi"}]}, "missing key", "turn 0: missing key 'role'"),
+    "no image key": (user_assistant(image=None), "missing key", "missing key 'image'"),
+    "image missing": (user_assistant(image="nope.png"), "image missing", "nope.png not found"),
+    "image corrupt": (user_assistant(image="corrupt.png"), "image unreadable", "corrupt.png cannot be read"),
+    "image truncated": (user_assistant(image="truncated.png"), "image unreadable", "truncated.png cannot be read"),
+    "more <image>": (user_assistant(q="<image>and<image>"), "image count mismatch", "2 <image> placeholder(s) but 1 image"),
+    "fewer <image>": (user_assistant(q="no picture"), "image count mismatch", "0 <image> placeholder(s) but 1 image"),
+    "empty turns": ({"conversations": [], "image": "ok.png"}, "bad turns", "non-empty list"),
+    "empty content": (user_assistant(a=" "), "bad turns", "turn 1: empty content"),
+    "assistant first": ({"conversations": [{"role": "assistant", "content": "red"},
+                                           {"role": "user", "content": "q<image>"}], "image": "ok.png"},
+                        "bad turns", "turn 0: expected role 'user', got 'assistant'"),
+    "two users": ({"conversations": [{"role": "user", "content": "q<image>"}, {"role": "user", "content": "q"}],
+                   "image": "ok.png"}, "bad turns", "turn 1: expected role 'assistant', got 'user'"),
+    "ends with user": ({"conversations": [{"role": "user", "content": "q<image>"}, {"role": "assistant", "content": "a"},
+                                          {"role": "user", "content": "q"}], "image": "ok.png"},
+                       "bad turns", "last turn is 'user'"),
+    "special token": (user_assistant(a="red<|im_end|>"), "bad turns", "special token '<|im_end|>'"),
+}
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    picture(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    whole = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[:len(whole) // 2])
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_record_names_file_and_line(bad_folder, tok, case):
+    record, _, message = BAD[case]
+    path = write_jsonl(bad_folder / "bad.jsonl", [user_assistant(), "", record])   # the bad record is line 3
+    with pytest.raises(BadRecord) as err:
+        VLMDataset(path, bad_folder, tok, max_length=64, num_patches=4, image_size=16)
+    assert str(err.value).startswith(f"{path}:3: ")
+    assert message in str(err.value)
+
+
+def test_skip_bad_counts_every_case(bad_folder, tok):
+    good = [user_assistant(a=f"answer {k}") for k in range(3)]
+    lines = good[:1] + [BAD[c][0] for c in BAD] + good[1:]
+    path = write_jsonl(bad_folder / "mixed.jsonl", lines)
+    with pytest.warns(UserWarning, match=f"kept 3 of {3 + len(BAD)} records"):
+        ds = VLMDataset(path, bad_folder, tok, max_length=64, num_patches=4, image_size=16, skip_bad=True)
+    assert len(ds) == 3
+    assert [ds[k]["labels"][ds[k]["labels"] != IGNORE].tolist() for k in range(3)] == \
+        [tok.encode(f"answer {k}") + [tok.eos_id] for k in range(3)]
+    want = {}
+    for _, reason, _ in BAD.values():
+        want[reason] = want.get(reason, 0) + 1
+    assert dict(ds.skipped) == want
+    assert len(ds.bad_lines) == len(BAD) and ds.bad_lines[0].startswith(f"{path}:2: ")
+    for reason, n in want.items():
+        assert f"{n} {reason}" in ds.summary()
+
+
+def test_nothing_usable_and_missing_file(bad_folder, tok):
+    path = write_jsonl(bad_folder / "all_bad.jsonl", ["{oops", "[]"])
+    with pytest.raises(ValueError, match="no usable records.*skipped 2 malformed JSON"):
+        VLMDataset(path, bad_folder, tok, 64, 4, 16, skip_bad=True)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        VLMDataset(bad_folder / "missing.jsonl", bad_folder, tok, 64, 4, 16)
