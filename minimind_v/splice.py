@@ -63,6 +63,9 @@ def find_matches(input_ids: torch.Tensor, image_ids) -> torch.Tensor:
     count gives in O(T): count[s + L] - count[s] == L.
     """
     L = len(image_ids)
+    B, T = input_ids.shape
+    if T < L:                                           # no window fits
+        return torch.zeros(B, 0, dtype=torch.bool, device=input_ids.device)
     if all(i == image_ids[0] for i in image_ids):
         is_pad = (input_ids == image_ids[0]).int()                          # (B, T)
         count = torch.nn.functional.pad(is_pad.cumsum(1, dtype=torch.int32), (1, 0))  # (B, T + 1)
