@@ -1,0 +1,179 @@
+"""CLIP's vision transformer (ViT-B/16) from raw torch ops: the eyes of MiniMind-V.
+
+Where it sits: `image.preprocess` gives pixels (B, 3, 224, 224); this encoder turns them into
+one vector per 16x16 patch; the VLM drops the CLS vector and projects the 196 patch vectors into
+the language model's embedding space (`vlm.VisionProjector`). The encoder is frozen: its weights
+come from OpenAI's CLIP (see `clip_weights.load_clip_vision`), so every detail below must match
+CLIP exactly or the pretrained weights compute something else.
+
+The data flow, for ViT-B/16 (D = 768, P = 196 patches, T = 1 + P = 197 tokens):
+    pixels (B, 3, 224, 224)
+    -> patch embedding: a 16x16 conv with stride 16, no bias    (B, D, 14, 14) -> (B, 196, D)
+       (the same as cutting the image into patches and applying one Linear to each, see `patchify`)
+    -> prepend the learned CLS vector                          (B, 197, D)
+    -> add learned position embeddings (one per token slot)    (B, 197, D)
+    -> ln_pre (CLIP normalizes before the first block)
+    -> 12 pre-LN residual blocks:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+       attention: 12 heads of 64, no mask (every patch sees every patch);
+       mlp: Linear(768, 3072) -> quick_gelu -> Linear(3072, 768)
+    -> `forward` returns this: the last block's output, BEFORE ln_post   (B, 197, D)
+    -> ln_post(CLS) = the pooled image vector; @ proj = CLIP's image embedding (B, 512)
+
+MiniMind-V uses `forward(pixels)[:, 1:, :]`: the 196 patch vectors before the final LayerNorm.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import VisionConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's activation: x * sigmoid(1.702 x), a cheap approximation of GELU it was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Cut images into non-overlapping square patches, each flattened in (channel, row, col) order.
+
+    (B, C, H, W) -> (B, N, C * p * p) with N = (H / p) * (W / p), patches in row-major order.
+    With this order, `patchify(x, p) @ conv.weight.reshape(D, -1).T` equals the stride-p conv.
+    """
+    B, C, H, W = pixels.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+    x = pixels.reshape(B, C, H // p, p, W // p, p)        # (B, C, gh, p, gw, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)                         # (B, gh, gw, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)     # (B, N, C*p*p)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool = False):
+    """Hand-written multi-head attention without a mask: softmax(Q K^T / sqrt(d)) V.
+
+    q, k, v: (B, H, T, d). Returns (out (B, H, T, d), probs (B, H, T, T) or None).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])   # (B, H, T, T)
+    probs = scores.softmax(dim=-1)                              # each row sums to 1
+    return probs @ v, (probs if need_weights else None)         # (B, H, T, d)
+
+
+class VisionAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV matrix (OpenAI's `in_proj` layout: q, k, v rows)."""
+
+    def __init__(self, cfg: VisionConfig, attn_impl: str = "manual"):
+        super().__init__()
+        if attn_impl not in ("manual", "sdpa"):
+            raise ValueError(f"attn_impl must be 'manual' or 'sdpa', got {attn_impl!r}")
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.attn_impl = attn_impl
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)   # rows: [W_q; W_k; W_v]
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)   # (B, T, 3, H, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                       # each (B, H, T, d)
+        if self.attn_impl == "sdpa" and not need_weights:
+            out, probs = F.scaled_dot_product_attention(q, k, v), None       # opt-in fast path
+        else:
+            out, probs = attention(q, k, v, need_weights)
+        out = out.transpose(1, 2).reshape(B, T, D)                           # (B, T, H*d)
+        return self.out(out), probs
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)))     # (B, T, D) -> (B, T, 4D) -> (B, T, D)
+
+
+class VisionBlock(nn.Module):
+    """Pre-LN residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: VisionConfig, attn_impl: str = "manual"):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = VisionAttention(cfg, attn_impl)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False):
+        a, probs = self.attn(self.ln_1(x), need_weights)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, probs
+
+
+class CLIPVisionTransformer(nn.Module):
+    """CLIP's image tower. `forward(pixels)` -> (B, 1+P, D), the last block's output before ln_post.
+
+    `with_projection=False` builds a tower without `proj` (as in a Hugging Face CLIPVisionModel
+    checkpoint, which has no projection); `image_embeds` then raises.
+    `attn_impl="sdpa"` swaps the hand-written attention for F.scaled_dot_product_attention.
+    """
+
+    def __init__(self, cfg: VisionConfig, with_projection: bool = True, attn_impl: str = "manual"):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.patch_embed = nn.Conv2d(cfg.num_channels, D, kernel_size=cfg.patch_size,
+                                     stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(D) * D ** -0.5)
+        self.position_embedding = nn.Parameter(torch.randn(1 + cfg.num_patches, D) * D ** -0.5)
+        self.ln_pre = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.blocks = nn.ModuleList(VisionBlock(cfg, attn_impl) for _ in range(cfg.num_layers))
+        self.ln_post = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.proj = nn.Linear(D, cfg.projection_dim, bias=False) if with_projection else None
+        for name, p in self.named_parameters():         # CLIP-like random init (tests, demos)
+            if p.dim() == 2 and "embedding" not in name:
+                nn.init.normal_(p, std=0.02)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, C, S, S) -> token vectors (B, 1+P, D) entering the first block (after ln_pre)."""
+        S = self.cfg.image_size
+        if pixels.dim() != 4 or pixels.shape[1:] != (self.cfg.num_channels, S, S):
+            raise ValueError(f"expected pixels of shape (B, {self.cfg.num_channels}, {S}, {S}), "
+                             f"got {tuple(pixels.shape)}")
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))   # (B, D, S/p, S/p)
+        x = x.flatten(2).transpose(1, 2)                                  # (B, P, D), row-major patches
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)                                    # (B, 1+P, D)
+        x = x + self.position_embedding.to(x.dtype)                       # (B, 1+P, D)
+        return self.ln_pre(x)
+
+    def encode(self, pixels: torch.Tensor, need_weights: bool = False):
+        """-> (hidden (B, 1+P, D) before ln_post, list of per-layer attention probs (B, H, T, T))."""
+        x = self.embed(pixels)
+        attns = []
+        for block in self.blocks:
+            x, probs = block(x, need_weights)
+            if need_weights:
+                attns.append(probs)
+        return x, attns
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encode(pixels)[0]                   # (B, 1+P, D)
+
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What MiniMind-V feeds its projector: the patch vectors, CLS dropped. (B, P, D)."""
+        return self.forward(pixels)[:, 1:, :]
+
+    def pooled_output(self, pixels: torch.Tensor) -> torch.Tensor:
+        """ln_post of the CLS vector (transformers' `pooler_output`). (B, D)."""
+        return self.ln_post(self.forward(pixels)[:, 0, :])
+
+    def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP's image embedding: pooled @ proj (transformers' `image_embeds`). (B, E)."""
+        if self.proj is None:
+            raise RuntimeError("this vision tower has no projection (its checkpoint had none)")
+        return self.proj(self.pooled_output(pixels))
