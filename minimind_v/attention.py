@@ -98,9 +98,10 @@ def build_mask(T: int, S: int, attention_mask: torch.Tensor | None, device=None)
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
            dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Hand-written attention. q (B, H, T, hd), k/v (B, H, S, hd), mask bool (.., T, S) -> (B, H, T, hd)."""
-    scores = ((q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)).float()   # (B, H, T, S) float32
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)             # >= float32 (float64 stays)
+    scores = ((q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)).to(softmax_dtype)   # (B, H, T, S)
     # A large finite negative (not -inf) keeps rows that see no key at all (left pads) NaN-free.
-    scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    scores = scores.masked_fill(~mask, torch.finfo(softmax_dtype).min)
     probs = scores.softmax(dim=-1).to(q.dtype)                            # (B, H, T, S)
     probs = F.dropout(probs, p=dropout_p, training=training)
     return probs @ v                                                       # (B, H, T, hd)

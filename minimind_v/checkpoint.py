@@ -32,6 +32,26 @@ UPSTREAM_TO_OURS = [
 ]
 
 
+# the reverse direction, only to name keys in error messages the way the file names them
+OURS_TO_UPSTREAM = [
+    (r"embed_tokens\.weight", "model.embed_tokens.weight"),
+    (r"layers\.(\d+)\.attn\.(q|k|v|o)_proj\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
+    (r"layers\.(\d+)\.ffn\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
+    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"norm\.weight", "model.norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+
+
+def upstream_name(key: str) -> str:
+    """Our LM key -> upstream's name for it (unchanged if no rule matches)."""
+    for pattern, template in OURS_TO_UPSTREAM:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, template, key)
+    return key
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename over `path`.
 
@@ -79,12 +99,17 @@ def translate_upstream(state: dict, source: str = "state dict") -> tuple[dict, l
     return ours, unknown
 
 
-def strict_load(module: torch.nn.Module, state: dict, source: str, ignore: tuple[str, ...] = ()) -> None:
-    """load_state_dict that reports every missing, unexpected and mis-shaped key by name."""
+def strict_load(module: torch.nn.Module, state: dict, source: str, ignore: tuple[str, ...] = (),
+                rename=None) -> None:
+    """load_state_dict that reports every missing, unexpected and mis-shaped key by name.
+
+    `rename(key) -> str` names keys in the error as the file does (e.g. upstream names).
+    """
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state and not k.startswith(ignore)]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+    show = rename or (lambda k: k)
+    missing = [show(k) for k in expected if k not in state and not k.startswith(ignore)]
+    unexpected = [show(k) for k in state if k not in expected]
+    shapes = [f"{show(k)}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
         lines = [f"{source}: does not match the model"]
@@ -126,7 +151,7 @@ def load_upstream(path_or_state_dict, cfg, clip=None):
         ours.setdefault("lm_head.weight", ours.get("embed_tokens.weight"))
         if ours["lm_head.weight"] is None:
             del ours["lm_head.weight"]
-    strict_load(model, ours, source)
+    strict_load(model, ours, source, rename=upstream_name)
     return model
 
 

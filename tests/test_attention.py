@@ -1,0 +1,150 @@
+"""Attention: repeat_kv, masks, the hand-written path vs F.scaled_dot_product_attention, KVCache."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimind_v.attention import Attention, KVCache, attend, build_mask, causal_mask, repeat_kv
+from minimind_v.config import LMConfig
+from minimind_v.rope import apply_rope, rope_tables
+
+CFG = dict(vocab_size=50, hidden_size=64, num_layers=1, num_heads=8, num_kv_heads=2, max_seq_len=64)
+
+
+def _attention(impl="manual", seed=0):
+    torch.manual_seed(seed)
+    attn = Attention(LMConfig(**CFG, attn_impl=impl)).double().eval()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return attn
+
+
+def _tables(T, start=0):
+    cos, sin = rope_tables(8, 64, theta=1e6, dtype=torch.float64)
+    return cos[start:start + T], sin[start:start + T]
+
+
+def _reference(attn, x, attn_mask):
+    """The same layer written with F.scaled_dot_product_attention's own GQA (enable_gqa)."""
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, 8, 8)
+    k = attn.k_proj(x).view(B, T, 2, 8)
+    v = attn.v_proj(x).view(B, T, 2, 8).transpose(1, 2)
+    q, k = apply_rope(q, k, *_tables(T))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v,
+                                         attn_mask=attn_mask, enable_gqa=True)
+    return attn.o_proj(out.transpose(1, 2).reshape(B, T, 64))
+
+
+def test_repeat_kv_matches_repeat_interleave():
+    x = torch.randn(2, 5, 3, 4)
+    for n_rep in (1, 2, 4):
+        assert torch.equal(repeat_kv(x, n_rep), x.repeat_interleave(n_rep, dim=2))
+
+
+def test_causal_mask_with_cache_offset():
+    T, S = 3, 7                  # 3 new queries at absolute positions 4, 5, 6
+    expected = torch.tensor([[j <= S - T + i for j in range(S)] for i in range(T)])
+    assert torch.equal(causal_mask(T, S), expected)
+    assert torch.equal(causal_mask(5, 5), torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+def test_build_mask_combines_padding_and_checks_length():
+    pad = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    m = build_mask(4, 4, pad)
+    assert m.shape == (2, 1, 4, 4)
+    assert not m[0, 0, :, 0].any() and m[1, 0, :, 0].all()
+    assert torch.equal(m[1, 0], causal_mask(4, 4))
+    with pytest.raises(ValueError, match="attention_mask covers 3 positions, but there are 4 keys"):
+        build_mask(4, 4, pad[:, :3])
+
+
+def test_attend_matches_sdpa():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = causal_mask(6, 6)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(attend(q, k, v, mask), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["manual", "sdpa"])
+def test_causal_gqa_layer_matches_sdpa_reference(impl):
+    attn = _attention(impl)
+    x = torch.randn(2, 11, 64, dtype=torch.float64)
+    out = attn(x, *_tables(11), build_mask(11, 11, None))
+    ref = _reference(attn, x, causal_mask(11, 11))
+    assert out.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["manual", "sdpa"])
+def test_padding_mask_matches_sdpa_reference(impl):
+    attn = _attention(impl, seed=1)
+    x = torch.randn(3, 9, 64, dtype=torch.float64)
+    pad = torch.ones(3, 9, dtype=torch.long)
+    pad[0, :4] = 0          # left padding
+    pad[2, :1] = 0
+    pad[1, 6] = 0           # a hole in the middle
+    out = attn(x, *_tables(9), build_mask(9, 9, pad))
+    full = causal_mask(9, 9)[None, None] & pad.bool()[:, None, None, :]
+    ref = _reference(attn, x, full)
+    real = pad.bool()       # rows of pad queries see nothing; their output is irrelevant
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(out).all()
+
+
+def test_sdpa_path_equals_manual_path_with_cache():
+    manual, sdpa = _attention("manual", seed=2), _attention("sdpa", seed=2)
+    x = torch.randn(2, 10, 64, dtype=torch.float64)
+    outs = []
+    for layer in (manual, sdpa):
+        cache = KVCache()
+        a = layer(x[:, :7], *_tables(7), build_mask(7, 7, None), cache)             # prefill
+        steps = [layer(x[:, t:t + 1], *_tables(1, t), build_mask(1, t + 1, None), cache) for t in range(7, 10)]
+        outs.append(torch.cat([a, *steps], dim=1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    # and cached decoding equals one full pass
+    full = manual(x, *_tables(10), build_mask(10, 10, None))
+    torch.testing.assert_close(outs[0], full, rtol=1e-10, atol=1e-10)
+
+
+def test_sdpa_path_equals_manual_path_in_float32_training():
+    cfg = LMConfig(**CFG)
+    torch.manual_seed(3)
+    manual = Attention(cfg).train()
+    sdpa = Attention(LMConfig(**CFG, attn_impl="sdpa")).train()
+    sdpa.load_state_dict(manual.state_dict())
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    cos, sin = rope_tables(8, 16)
+    grads = []
+    for layer in (manual, sdpa):
+        out = layer(x, cos, sin, build_mask(16, 16, None))
+        (gx,) = torch.autograd.grad(out.square().sum(), x)
+        grads.append((out, gx))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_appends_in_place_and_doubles():
+    cache = KVCache()
+    k0, v0 = torch.randn(2, 5, 2, 4), torch.randn(2, 5, 2, 4)
+    k, v = cache.update(0, k0, v0)
+    assert torch.equal(k, k0) and torch.equal(v, v0) and cache.length == 5
+    ptr, cap = cache.keys[0].data_ptr(), cache.keys[0].shape[1]
+    pieces_k, pieces_v = [k0], [v0]
+    grew_at = None
+    for step in range(40):
+        kn, vn = torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4)
+        pieces_k.append(kn)
+        pieces_v.append(vn)
+        k, v = cache.update(0, kn, vn)
+        assert torch.equal(k, torch.cat(pieces_k, dim=1)) and torch.equal(v, torch.cat(pieces_v, dim=1))
+        if cache.length <= cap:
+            # no copy of the history: the same buffer is written in place
+            assert cache.keys[0].data_ptr() == ptr, f"buffer moved at length {cache.length} (capacity {cap})"
+        elif grew_at is None:
+            grew_at = cache.length
+            assert cache.keys[0].shape[1] == 2 * cap
+            ptr, cap = cache.keys[0].data_ptr(), cache.keys[0].shape[1]
+    assert grew_at is not None and cache.length == 45
