@@ -195,8 +195,9 @@ def _torch_load(path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CLIPWeightsError(f"{path}: refused by torch.load(weights_only=True): {e}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise CLIPWeightsError(f"{path}: cannot be read as a torch checkpoint (truncated?): {e}") from None
+    except Exception as e:        # torch reports a damaged or foreign file in many ways
+        raise CLIPWeightsError(f"{path}: cannot be read as a torch checkpoint (truncated, or not one): "
+                               f"{type(e).__name__}: {e}") from None
 
 
 def _hf_file_in(folder: Path) -> Path:
