@@ -5,7 +5,9 @@ model as `model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`,
 `model.layers.N.mlp.gate_proj.weight`, `model.layers.N.input_layernorm.weight`,
 `model.norm.weight`, `lm_head.weight`. Our modules have their own, shorter names
 (`layers.N.attn.q_proj.weight`, `layers.N.attn_norm.weight`, ...); `UPSTREAM_TO_OURS` is the
-whole translation. Every load is strict: missing, unexpected and mis-shaped keys are listed
+whole translation. A MiniMind-V file adds the projector under the name our `MiniMindVLM` uses
+too (`vision_proj.vision_proj.0.weight` / `.bias`) and holds no vision encoder: the CLIP
+weights come from their own file. Every load is strict: missing, unexpected and mis-shaped keys are listed
 in the error, never silently skipped. Files are read with `torch.load(weights_only=True)`,
 which refuses to run code hidden in a pickle.
 """
@@ -138,11 +140,17 @@ def load_upstream(path_or_state_dict, cfg, clip=None):
         state, source = load_state_dict(path_or_state_dict), str(path_or_state_dict)
     if not isinstance(cfg, LMConfig):
         return _load_upstream_vlm(state, cfg, clip, source)
+    model = MiniMindLM(cfg)
+    strict_load(model, _upstream_lm_state(state, cfg, source), source, rename=upstream_name)
+    return model
+
+
+def _upstream_lm_state(state: dict, cfg: LMConfig, source: str) -> dict:
+    """Upstream LM keys -> our names, with the tied output matrix filled in or checked."""
     ours, unknown = translate_upstream(state, source)
     if unknown:
         raise ValueError(f"{source}: unexpected keys for a MiniMind LM ({len(unknown)}): "
                          f"{', '.join(unknown[:20])}")
-    model = MiniMindLM(cfg)
     if cfg.tie_word_embeddings and "lm_head.weight" in ours and "embed_tokens.weight" in ours:
         if not torch.equal(ours["lm_head.weight"], ours["embed_tokens.weight"]):
             raise ValueError(f"{source}: lm_head.weight differs from model.embed_tokens.weight, "
@@ -151,9 +159,57 @@ def load_upstream(path_or_state_dict, cfg, clip=None):
         ours.setdefault("lm_head.weight", ours.get("embed_tokens.weight"))
         if ours["lm_head.weight"] is None:
             del ours["lm_head.weight"]
-    strict_load(model, ours, source, rename=upstream_name)
+    return ours
+
+
+def _load_upstream_vlm(state: dict, cfg, clip, source: str):
+    """A MiniMind-V file -> MiniMindVLM: LM keys + `vision_proj.*`, the encoder from `clip`.
+
+    Upstream saves no `vision_encoder.*` keys (the CLIP weights are a separate download), so the
+    encoder comes from `clip`: a file or folder `load_clip_vision` reads, or a built
+    `CLIPVisionTransformer`. Its shape must match `cfg.vision`.
+    """
+    from .config import VLMConfig
+    from .vlm import MiniMindVLM
+
+    if not isinstance(cfg, VLMConfig):
+        raise TypeError(f"cfg must be an LMConfig or a VLMConfig, got {type(cfg).__name__}")
+    encoder_keys = [k for k in state if k.startswith("vision_encoder.")]
+    if encoder_keys:
+        raise ValueError(f"{source}: holds vision encoder weights ({encoder_keys[0]}, ... "
+                         f"{len(encoder_keys)} keys); a MiniMind-V checkpoint has none: "
+                         f"drop them and pass the CLIP weights as clip=")
+    proj = {k[len("vision_proj."):]: v for k, v in state.items() if k.startswith("vision_proj.")}
+    if not proj:
+        raise ValueError(f"{source}: no vision_proj.* keys, so not a MiniMind-V checkpoint "
+                         f"(a text-only MiniMind file loads with an LMConfig)")
+    if clip is None:
+        raise ValueError(f"{source}: a MiniMind-V checkpoint holds no vision encoder; pass the CLIP "
+                         f"weights as clip= (a file or folder load_clip_vision reads, or an encoder)")
+    lm_state = {k: v for k, v in state.items() if not k.startswith("vision_proj.")}
+    model = MiniMindVLM(cfg)
+    strict_load(model.lm, _upstream_lm_state(lm_state, cfg.lm, source), source, rename=upstream_name)
+    strict_load(model.vision_proj, proj, source, rename=lambda k: "vision_proj." + k)
+    model.vision_encoder = _clip_encoder(clip, cfg.vision)
+    model.freeze_vision_encoder()
     return model
 
 
-def _load_upstream_vlm(state, cfg, clip, source):
-    raise NotImplementedError("loading upstream MiniMind-V checkpoints needs minimind_v.vlm")
+def _clip_encoder(clip, vision_cfg):
+    """`clip` (a path or a CLIPVisionTransformer) -> the encoder, checked against `vision_cfg`."""
+    from .vision import CLIPVisionTransformer
+
+    if isinstance(clip, CLIPVisionTransformer):
+        encoder, found, source = clip, clip.cfg, "the given encoder"
+    elif isinstance(clip, (str, os.PathLike)):
+        from .clip_weights import load_clip_vision
+        encoder, found = load_clip_vision(clip)
+        source = str(clip)
+    else:
+        raise TypeError(f"clip must be a path or a CLIPVisionTransformer, got {type(clip).__name__}")
+    # projection_dim only sizes CLIP's own image embedding, which MiniMind-V does not use
+    diff = [f"{k}: {v} (expected {getattr(vision_cfg, k)})" for k, v in found.to_dict().items()
+            if k != "projection_dim" and v != getattr(vision_cfg, k)]
+    if diff:
+        raise ValueError(f"{source}: vision encoder does not match the config: {'; '.join(diff)}")
+    return encoder
