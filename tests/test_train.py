@@ -1,0 +1,253 @@
+"""The training loop: it learns, freezes what it should, resumes exactly, survives a kill, scales out.
+
+Tiny language models on a toy token dataset keep every test to a few seconds; the VLM-specific
+parts (freeze rules with a projector and an encoder, the feature cache) use a tiny MiniMindVLM.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimind_v.config import LMConfig
+from minimind_v.lm import MiniMindLM
+from minimind_v.train import (CHECKPOINT, METRICS, LOSS_PNG, WEIGHTS, TrainConfig, TrainingError,
+                              apply_freeze, load_state_dict, lr_at, param_groups, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ToyTokens(torch.utils.data.Dataset):
+    """n random sequences; the first 4 positions of each are prompt (label -100), the rest targets."""
+
+    def __init__(self, n=8, T=12, V=32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(5, V, (n, T), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        ids = self.x[i]
+        labels = ids.clone()
+        labels[:4] = -100
+        return {"input_ids": ids, "labels": labels}
+
+
+def collate(items):
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def tiny_lm(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return MiniMindLM(LMConfig(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                               max_seq_len=64, dropout=dropout))
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    peak, total, warm = 1e-3, 110, 10
+    lrs = [lr_at(s, total, peak, warm) for s in range(total)]
+    assert lrs[:warm] == pytest.approx([peak * (s + 1) / warm for s in range(warm)])
+    assert lrs[warm] == pytest.approx(peak)
+    assert lrs[-1] == pytest.approx(0.1 * peak)
+    mid = warm + (total - warm - 1) / 2                       # halfway through the cosine
+    assert lr_at(int(mid), total, peak, warm) == pytest.approx(0.1 * peak + 0.9 * peak * 0.5 *
+                                                                (1 + math.cos(math.pi * int(mid - warm) / (total - warm - 1))))
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))   # never rises after warmup
+
+
+def test_param_groups_decay_matrices_only_and_skip_frozen():
+    model = tiny_lm()
+    apply_freeze(model, ("last_block",))
+    decay, no_decay = param_groups(model, 0.1)
+    last = model.layers[-1]
+    assert {id(p) for p in decay["params"]} == {id(p) for p in last.parameters() if p.dim() == 2}
+    assert {id(p) for p in no_decay["params"]} == {id(last.attn_norm.weight), id(last.ffn_norm.weight)}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    apply_freeze(model, ("lm",))
+    decay, _ = param_groups(model, 0.1)
+    # the tied embedding / lm_head matrix is one parameter and appears once
+    assert sum(p is model.embed_tokens.weight for p in decay["params"]) == 1
+
+
+def test_tiny_run_overfits_a_handful_of_samples(tmp_path):
+    result = train(tiny_lm(), ToyTokens(n=8), collate,
+                   TrainConfig(stage="sft", epochs=40, lr=1e-2, batch_size=4, log_every=1000), tmp_path, log=quiet)
+    assert result.final_step == result.total_steps == 80
+    assert result.losses[0] > 3.0                       # ~ln(32) at the start
+    assert result.losses[-1] < 0.15 * result.losses[0]  # and far lower after
+    rows = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 81))
+    assert [r["loss"] for r in rows] == result.losses
+    from PIL import Image
+    assert Image.open(tmp_path / LOSS_PNG).size == (640, 400)
+
+
+def test_pretrain_freeze_rule_only_changes_the_last_block(tmp_path):
+    model = tiny_lm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, ToyTokens(), collate, TrainConfig(stage="pretrain", epochs=3, lr=1e-2, batch_size=4,
+                                                   weight_decay=0.1), tmp_path, log=quiet)
+    for k, v in model.state_dict().items():
+        if k.startswith("layers.1."):
+            assert not torch.equal(v, before[k]), f"{k} should have learned"
+        else:
+            assert torch.equal(v, before[k]), f"{k} is frozen in pretrain but changed"
+
+
+def _run(tmp_path, name, **overrides):
+    cfg = dict(stage="sft", epochs=3, lr=5e-3, batch_size=2, accum_steps=2, warmup_steps=2,
+               save_every=2, log_every=1000, seed=3)
+    cfg.update(overrides)
+    model = tiny_lm(dropout=0.1)          # dropout: the RNG state must be restored too
+    return model, train(model, ToyTokens(n=10), collate, TrainConfig(**cfg), tmp_path / name, log=quiet)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path):
+    full_model, full = _run(tmp_path, "full")
+    assert full.total_steps == 6        # 10 samples, 2 per micro-batch, 2 micro-batches per step: 2 steps/epoch x 3
+    _, part = _run(tmp_path, "split", stop_after=5)     # checkpoints at 2 and 4, stopped after 5
+    assert part.stopped_early and part.final_step == 5
+    assert part.losses == full.losses[:5]
+    ckpt = load_state_dict(tmp_path / "split" / CHECKPOINT)
+    assert ckpt["progress"]["step"] == 4 and ckpt["progress"]["epoch"] == 2 and ckpt["progress"]["batch"] == 0
+    resumed_model, resumed = _run(tmp_path, "split", resume=True)
+    assert resumed.steps == [5, 6]
+    assert resumed.losses == full.losses[4:]            # bitwise, not approximately
+    for (k, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), k
+    rows = [json.loads(line) for line in (tmp_path / "split" / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]   # step 5 of the interrupted run was replaced
+
+
+def test_resume_refuses_a_different_schedule(tmp_path):
+    _run(tmp_path, "a", stop_after=3)
+    with pytest.raises(TrainingError, match="batch_size=2.*batch_size=5"):
+        _run(tmp_path, "a", resume=True, batch_size=5)
+
+
+class Poisoned(torch.nn.Module):
+    """A model whose logits turn NaN from the `bad_call`-th forward on."""
+
+    def __init__(self, lm, bad_call):
+        super().__init__()
+        self.lm, self.bad_call, self.calls = lm, bad_call, 0
+
+    def forward(self, input_ids, **kwargs):
+        self.calls += 1
+        logits = self.lm(input_ids)
+        return logits * float("nan") if self.calls >= self.bad_call else logits
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+    model = Poisoned(tiny_lm(), bad_call=8)             # micro-batch 8 = step 4 with accum 2
+    with pytest.raises(TrainingError) as err:
+        train(model, ToyTokens(n=10), collate, TrainConfig(stage="sft", epochs=5, lr=1e-3, batch_size=2,
+              accum_steps=2, save_every=3), tmp_path, log=quiet)
+    msg = str(err.value)
+    assert "loss is nan at step 4" in msg and str(tmp_path / CHECKPOINT) in msg and "(step 3)" in msg
+    ckpt = load_state_dict(tmp_path / CHECKPOINT)
+    assert ckpt["progress"]["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / WEIGHTS).exists()            # no "final" weights from a diverged run
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    from minimind_v.checkpoint import atomic_save
+    path = sys.argv[1]
+    atomic_save({"step": 1, "w": torch.arange(10.0)}, path)
+    print("first", flush=True)
+
+    class Slow:
+        # a tensor whose pickling hangs half way, as a process killed mid-write would
+        def __reduce_ex__(self, proto):
+            print("writing", flush=True)
+            time.sleep(60)
+            return (int, (0,))
+
+    atomic_save({"step": 2, "w": torch.randn(1_000_000), "slow": Slow()}, path)
+""")
+
+
+def test_process_killed_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(KILL_SCRIPT)
+    path = tmp_path / CHECKPOINT
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "first"
+        assert proc.stdout.readline().strip() == "writing"
+        temps = list(tmp_path.glob(f".{CHECKPOINT}.*.tmp"))
+        assert len(temps) == 1                               # the second write had begun (not yet renamed)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.arange(10.0))
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from test_train import ToyTokens, collate, tiny_lm, quiet
+    from minimind_v.train import TrainConfig, train
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    model = tiny_lm()
+    cfg = TrainConfig(stage="sft", epochs=2, lr=5e-3, batch_size=2, seed=1, log_every=1000)
+    train(model, ToyTokens(n=8, T=12), collate, cfg, sys.argv[1], log=quiet)
+    if dist.get_rank() == 0:
+        torch.save(model.state_dict(), sys.argv[1] + "/ddp_final.pt")
+    dist.destroy_process_group()
+""")
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "--master_addr=127.0.0.1", str(script),
+                           str(tmp_path / "ddp"), str(ROOT / "tests")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp" / "ddp_final.pt", weights_only=True)
+    # one process, global batch 4 = 2 ranks x 2: every sample has the same number of target tokens,
+    # so the mean of the ranks' mean losses is the global mean loss
+    single = tiny_lm()
+    train(single, ToyTokens(n=8, T=12), collate,
+          TrainConfig(stage="sft", epochs=2, lr=5e-3, batch_size=4, seed=1, log_every=1000), tmp_path / "one",
+          log=quiet)
+    before = tiny_lm().state_dict()
+    for k, v in single.state_dict().items():
+        assert not torch.equal(v, before[k])                 # both runs really trained
+        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
