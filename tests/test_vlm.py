@@ -174,3 +174,75 @@ def test_bad_input_is_named():
         model(ids, pixels, kv_cache=cache)
         with pytest.raises(ValueError, match="prefill only"):
             model(ids[:, :1], pixels, kv_cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# upstream MiniMind-V checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def upstream_state_dict(model: MiniMindVLM) -> dict:
+    """Our weights under upstream MiniMind-V's names (written out by hand, as upstream has them)."""
+    lm = model.lm
+    sd = {"model.embed_tokens.weight": lm.embed_tokens.weight, "model.norm.weight": lm.norm.weight,
+          "lm_head.weight": lm.lm_head.weight,
+          "vision_proj.vision_proj.0.weight": model.vision_proj.vision_proj[0].weight,
+          "vision_proj.vision_proj.0.bias": model.vision_proj.vision_proj[0].bias}
+    for i, block in enumerate(lm.layers):
+        for x in "qkvo":
+            sd[f"model.layers.{i}.self_attn.{x}_proj.weight"] = getattr(block.attn, f"{x}_proj").weight
+        for x in ("gate", "up", "down"):
+            sd[f"model.layers.{i}.mlp.{x}_proj.weight"] = getattr(block.ffn, f"{x}_proj").weight
+        sd[f"model.layers.{i}.input_layernorm.weight"] = block.attn_norm.weight
+        sd[f"model.layers.{i}.post_attention_layernorm.weight"] = block.ffn_norm.weight
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def test_upstream_checkpoint_and_clip_file_reproduce_our_logits(tmp_path):
+    from minimind_v.checkpoint import load_upstream
+    from minimind_v.clip_weights import save_converted
+
+    source = tiny_model(seed=3)
+    pth = tmp_path / "sft_vlm_512.pth"
+    torch.save(upstream_state_dict(source), pth)
+    clip = tmp_path / "clip.pt"
+    save_converted(source.vision_encoder, source.cfg.vision, clip)
+    ids, pixels = prompts()
+    with torch.no_grad():
+        want = source(ids, pixels)
+        for clip_arg in (clip, source.vision_encoder):
+            loaded = load_upstream(pth, tiny_cfg(), clip=clip_arg).eval()
+            assert isinstance(loaded, MiniMindVLM)
+            assert all(not p.requires_grad for p in loaded.vision_encoder.parameters())
+            torch.testing.assert_close(loaded(ids, pixels), want, rtol=0, atol=0)
+
+
+def test_upstream_checkpoint_errors_are_clear(tmp_path):
+    from minimind_v.checkpoint import load_upstream
+
+    source = tiny_model(seed=3)
+    good = upstream_state_dict(source)
+    enc = source.vision_encoder
+    bad = dict(good)
+    bad["model.layers.0.attention.wq.weight"] = bad.pop("model.layers.0.self_attn.q_proj.weight")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.attention\.wq\.weight"):
+        load_upstream(bad, tiny_cfg(), clip=enc)
+    missing = {k: v for k, v in good.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(ValueError, match=r"missing keys.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_upstream(missing, tiny_cfg(), clip=enc)
+    wrong_proj = dict(good)
+    wrong_proj["vision_proj.vision_proj.0.weight"] = torch.zeros(32, 65)
+    with pytest.raises(ValueError, match=r"vision_proj\.vision_proj\.0\.weight: file \(32, 65\)"):
+        load_upstream(wrong_proj, tiny_cfg(), clip=enc)
+    text_only = {k: v for k, v in good.items() if not k.startswith("vision_proj.")}
+    with pytest.raises(ValueError, match="no vision_proj"):
+        load_upstream(text_only, tiny_cfg(), clip=enc)
+    with pytest.raises(ValueError, match="clip="):
+        load_upstream(good, tiny_cfg())
+    with_encoder = dict(good, **{"vision_encoder.ln_pre.weight": torch.ones(64)})
+    with pytest.raises(ValueError, match="vision encoder weights"):
+        load_upstream(with_encoder, tiny_cfg(), clip=enc)
+    other = tiny_cfg()
+    other.vision.num_layers = 3
+    from minimind_v.vision import CLIPVisionTransformer
+    with pytest.raises(ValueError, match="num_layers: 3 \\(expected 2\\)"):
+        load_upstream(good, tiny_cfg(), clip=CLIPVisionTransformer(other.vision))
