@@ -137,6 +137,15 @@ def truncate(ids: list[int], target: list[bool], max_length: int, image_pad_id: 
     return ids, target, ids.count(image_pad_id) // num_patches
 
 
+def encode_sample(tokenizer, messages: list[dict], max_length: int,
+                  num_patches: int) -> tuple[list[int], list[int], int]:
+    """Messages -> (input_ids, labels, images kept): the template as ids, -100 outside the replies."""
+    ids, target = tokenizer.encode_conversation(messages, num_patches)
+    ids, target, n_images = truncate(ids, target, max_length, tokenizer.image_pad_id, num_patches)
+    labels = [t if learn else IGNORE for t, learn in zip(ids, target)]
+    return ids, labels, n_images
+
+
 class VLMDataset(torch.utils.data.Dataset):
     """A JSONL file of image conversations (pretrain captions or SFT Q&A; same format)."""
 
@@ -188,10 +197,7 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         lineno, messages, images = self.samples[i]
-        tok = self.tokenizer
-        ids, target = tok.encode_conversation(messages, self.num_patches)
-        ids, target, n_images = truncate(ids, target, self.max_length, tok.image_pad_id, self.num_patches)
-        labels = [t if learn else IGNORE for t, learn in zip(ids, target)]
+        ids, labels, n_images = encode_sample(self.tokenizer, messages, self.max_length, self.num_patches)
         images = images[:n_images]
         pixels = [preprocess(load_image(p, self.path, lineno), self.image_size) for p in images]
         S = self.image_size

@@ -125,11 +125,14 @@ def answer_words() -> list[str]:
 
     Pass them to `Tokenizer.train(..., user_defined_symbols=answer_words())` so that each one is a
     single whole piece: the model then answers with one token per word instead of spelling.
+    English words come twice, bare and with sentencepiece's space mark '▁' in front.
     """
-    words = [w for p in POSITIONS for w in p[0].split()] + [p[1] for p in POSITIONS]
-    words += [w for c in COUNTS.values() for w in c]
-    words += list(KINDS) + list(KINDS.values()) + list(COLOURS) + [c[0] for c in COLOURS.values()]
-    return list(dict.fromkeys(words))
+    english = [w for p in POSITIONS for w in p[0].split()] + [c[0] for c in COUNTS.values()]
+    english += list(KINDS) + list(COLOURS)
+    chinese = [p[1] for p in POSITIONS] + [c[1] for c in COUNTS.values()]
+    chinese += list(KINDS.values()) + [c[0] for c in COLOURS.values()]
+    # an English word after a space is its own piece too ("top left" -> "top" "▁left", not "top" "▁" "left")
+    return list(dict.fromkeys(english + ["\u2581" + w for w in english] + chinese))
 
 
 def record(question: str, answer: str, image: str, **extra) -> dict:

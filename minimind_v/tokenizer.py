@@ -4,6 +4,9 @@ Where it sits: the first and last step of the data flow. `data.py` turns each co
 ids with `encode_conversation`; the model sees ids; `generate` produces ids that `decode` turns
 back into text.
 
+`bpe_train` / `bpe_encode` below spell out the BPE algorithm in plain Python for learning; the
+real vocabulary is trained by sentencepiece.
+
 What it is: a byte-level-fallback BPE model trained with sentencepiece (the same kind of
 vocabulary MiniMind uses, 6400 pieces by default), plus a handful of special tokens:
 
@@ -34,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import sentencepiece as spm
@@ -55,6 +59,52 @@ def conversation_text(record: dict) -> str:
     messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, "")}
                 for m in record["conversations"]]
     return chat_template(messages)
+
+
+# ---------------------------------------------------------------------- BPE, the idea in 30 lines
+def bpe_train(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair encoding from scratch: the merge list learned from a list of words.
+
+    Start with every word cut into characters. Repeatedly count every adjacent pair of pieces
+    (weighted by how often the word occurs), merge the most frequent pair everywhere, and record
+    it. Ties go to the pair seen first. sentencepiece's BPE trainer does the same, faster, on
+    whole sentences (a space is just the character '▁').
+    """
+    counts = Counter(words)                       # word -> frequency, in first-seen order
+    pieces = {w: list(w) for w in counts}         # word -> its current pieces
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter = Counter()
+        for w, n in counts.items():
+            for pair in zip(pieces[w], pieces[w][1:]):
+                pairs[pair] += n
+        if not pairs:                             # every word is a single piece
+            break
+        best = max(pairs, key=pairs.__getitem__)  # first of the most frequent
+        merges.append(best)
+        pieces = {w: merge_pair(p, best) for w, p in pieces.items()}
+    return merges
+
+
+def merge_pair(pieces: list[str], pair: tuple[str, str]) -> list[str]:
+    """Replace every adjacent (a, b) in `pieces`, left to right, by a + b."""
+    out, i = [], 0
+    while i < len(pieces):
+        if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+            out.append(pieces[i] + pieces[i + 1])
+            i += 2
+        else:
+            out.append(pieces[i])
+            i += 1
+    return out
+
+
+def bpe_encode(word: str, merges: list[tuple[str, str]]) -> list[str]:
+    """Cut a word with a learned merge list: characters, then every merge in the order learned."""
+    pieces = list(word)
+    for pair in merges:
+        pieces = merge_pair(pieces, pair)
+    return pieces
 
 
 class Tokenizer:

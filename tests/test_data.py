@@ -47,7 +47,7 @@ def tok(tmp_path_factory, shapes):
     tmp = tmp_path_factory.mktemp("tok")
     seed = write_jsonl(tmp / "seed.jsonl", SEED_RECORDS * 5)
     return Tokenizer.train([shapes / "sft_train.jsonl", shapes / "pretrain_train.jsonl", seed], tmp / "t",
-                           vocab_size=400, user_defined_symbols=answer_words())
+                           vocab_size=480, user_defined_symbols=answer_words())
 
 
 def runs_of(ids, pad):
