@@ -20,6 +20,9 @@ An item is a dict:
     pixel_values (N, 3, S, S) float  one CLIP-normalised picture per image run kept in input_ids
     image_paths  [N] str             the resolved image files (a key for caching vision features)
 
+With `load_pixels=False` (settable at any time) items leave out `pixel_values`: a trainer that
+caches the frozen encoder's features by image path need not decode pictures again.
+
 `labels` are NOT shifted: labels[t] is the token at position t. The loss compares the logits at
 position t with the label at t + 1:  cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=-100).
 
@@ -150,13 +153,15 @@ class VLMDataset(torch.utils.data.Dataset):
     """A JSONL file of image conversations (pretrain captions or SFT Q&A; same format)."""
 
     def __init__(self, jsonl_path, image_root, tokenizer, max_length: int, num_patches: int = 196,
-                 image_size: int = 224, skip_bad: bool = False, check_images: bool = True):
+                 image_size: int = 224, skip_bad: bool = False, check_images: bool = True,
+                 load_pixels: bool = True):
         self.path = Path(jsonl_path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.num_patches = num_patches
         self.image_size = image_size
+        self.load_pixels = load_pixels    # False: items carry image_paths only (vision features cached elsewhere)
         self.samples: list[tuple[int, list[dict], list[Path]]] = []    # (line, messages, images)
         self.skipped: Counter = Counter()                              # reason -> records skipped
         self.bad_lines: list[str] = []                                 # their messages
@@ -199,38 +204,40 @@ class VLMDataset(torch.utils.data.Dataset):
         lineno, messages, images = self.samples[i]
         ids, labels, n_images = encode_sample(self.tokenizer, messages, self.max_length, self.num_patches)
         images = images[:n_images]
-        pixels = [preprocess(load_image(p, self.path, lineno), self.image_size) for p in images]
-        S = self.image_size
-        return {
-            "input_ids": torch.tensor(ids, dtype=torch.long),                          # (T,)
-            "labels": torch.tensor(labels, dtype=torch.long),                          # (T,)
-            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, S, S),  # (N, 3, S, S)
-            "image_paths": [str(p) for p in images],
-        }
+        item = {"input_ids": torch.tensor(ids, dtype=torch.long),      # (T,)
+                "labels": torch.tensor(labels, dtype=torch.long),      # (T,)
+                "image_paths": [str(p) for p in images]}
+        if self.load_pixels:
+            S = self.image_size
+            pixels = [preprocess(load_image(p, self.path, lineno), S) for p in images]
+            item["pixel_values"] = torch.stack(pixels) if pixels else torch.zeros(0, 3, S, S)   # (N, 3, S, S)
+        return item
 
 
 def collate(batch: list[dict], pad_id: int = 0) -> dict:
     """Items -> a right-padded batch.
 
     input_ids (B, T) padded with `pad_id`; labels (B, T) padded with -100; attention_mask (B, T)
-    True on real tokens; pixel_values (B, Nmax, 3, S, S) zero-padded; image_counts (B,);
-    image_paths: B lists.
+    True on real tokens; pixel_values (B, Nmax, 3, S, S) zero-padded (None when the items carry
+    no pixels, see `load_pixels`); image_counts (B,); image_paths: B lists.
     """
     B = len(batch)
     T = max(len(x["input_ids"]) for x in batch)
-    n_max = max(len(x["pixel_values"]) for x in batch)
-    S = batch[0]["pixel_values"].shape[-1]
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.bool)
-    pixel_values = torch.zeros(B, n_max, 3, S, S)
     for b, x in enumerate(batch):
-        t, n = len(x["input_ids"]), len(x["pixel_values"])
+        t = len(x["input_ids"])
         input_ids[b, :t] = x["input_ids"]
         labels[b, :t] = x["labels"]
         attention_mask[b, :t] = True
-        pixel_values[b, :n] = x["pixel_values"]
+    counts = [len(x["image_paths"]) for x in batch]
+    pixel_values = None
+    if all("pixel_values" in x for x in batch):
+        S = batch[0]["pixel_values"].shape[-1]
+        pixel_values = torch.zeros(B, max(counts), 3, S, S)
+        for b, x in enumerate(batch):
+            pixel_values[b, :counts[b]] = x["pixel_values"]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": pixel_values,
-            "image_counts": torch.tensor([len(x["pixel_values"]) for x in batch], dtype=torch.long),
+            "pixel_values": pixel_values, "image_counts": torch.tensor(counts, dtype=torch.long),
             "image_paths": [x["image_paths"] for x in batch]}

@@ -115,7 +115,10 @@ class Tokenizer:
         if not model_file.is_file():
             raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
         self.model_file = model_file
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{model_file} is not a sentencepiece model ({e})") from None
         for expected_id, piece in enumerate(SPECIAL_TOKENS):
             if self.sp.piece_to_id(piece) != expected_id:
                 raise ValueError(f"{model_file}: special token {piece!r} should have id {expected_id}, "
@@ -274,6 +277,8 @@ def cli(argv: list[str]) -> int:
     t.add_argument("--out", required=True, help="output prefix: writes OUT.model and OUT.vocab")
     t.add_argument("--vocab-size", type=int, default=6400)
     t.add_argument("--symbols", default="", help="comma-separated strings to keep as single pieces")
+    t.add_argument("--answer-words", action="store_true",
+                   help="also keep the generated dataset's answer words whole (synthetic.answer_words())")
     t.add_argument("--character-coverage", type=float, default=0.9995)
     e = sub.add_parser("encode", help="show how a text is tokenized")
     e.add_argument("--model", required=True, help="a .model file")
@@ -281,6 +286,9 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.action == "train":
         symbols = [s for s in args.symbols.split(",") if s]
+        if args.answer_words:
+            from .synthetic import answer_words
+            symbols += answer_words()
         tok = Tokenizer.train(args.inputs, args.out, args.vocab_size, user_defined_symbols=symbols,
                               character_coverage=args.character_coverage)
         print(f"wrote {tok.model_file} ({len(tok)} pieces)")

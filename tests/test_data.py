@@ -233,3 +233,15 @@ def test_nothing_usable_and_missing_file(bad_folder, tok):
         VLMDataset(path, bad_folder, tok, 64, 4, 16, skip_bad=True)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         VLMDataset(bad_folder / "missing.jsonl", bad_folder, tok, 64, 4, 16)
+
+
+def test_load_pixels_off(shapes, tok):
+    ds = VLMDataset(shapes / "sft_test.jsonl", shapes / "images", tok, 256, num_patches=9, image_size=48)
+    with_pixels = collate([ds[0], ds[1]])
+    ds.load_pixels = False
+    assert "pixel_values" not in ds[0]
+    without = collate([ds[0], ds[1]])
+    assert without["pixel_values"] is None
+    for key in ("input_ids", "labels", "attention_mask", "image_counts"):
+        assert torch.equal(without[key], with_pixels[key])
+    assert without["image_paths"] == with_pixels["image_paths"]

@@ -121,6 +121,9 @@ def test_encode_conversation_targets(tok):
 def test_bad_model_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
         Tokenizer(tmp_path / "nope.model")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="junk.model is not a sentencepiece model"):
+        Tokenizer(tmp_path / "junk.model")
 
 
 def test_bad_training_jsonl_names_file_and_line(tmp_path):
@@ -139,6 +142,8 @@ def test_cli_train_and_encode(tmp_path, capsys):
     assert cli(["encode", "--model", str(tmp_path / "c.model"), f"{PAD}hi"]) == 0
     out = capsys.readouterr().out
     assert "'<|endoftext|>'" in out
+    assert cli(["train", *map(str, files), "--out", str(tmp_path / "w"), "--vocab-size", "400", "--answer-words"]) == 0
+    assert Tokenizer(tmp_path / "w.model").pieces("top left") == ["top", "▁left"]
 
 
 def test_vocab_too_small_is_a_clear_error(tmp_path):
