@@ -187,6 +187,7 @@ BAD = {   # case -> (record or raw line, reason counted when skipped, what the e
                                           {"role": "user", "content": "q"}], "image": "ok.png"},
                        "bad turns", "last turn is 'user'"),
     "special token": (user_assistant(a="red<|im_end|>"), "bad turns", "special token '<|im_end|>'"),
+    "image not a name": (user_assistant(image=5), "bad images", "'image' must be a comma-separated string"),
 }
 
 
