@@ -41,23 +41,27 @@ constexpr int64_t kMaxDwBlocks = 64;       // fixed row blocks for the determini
 
 // ---- small vectorised helpers (acc_t is float or double) ------------------------------------
 
-// sum(a * b) with two vector accumulators; the order of additions is fixed, so it is deterministic.
+// sum(a * b * c) (c may be null: sum(a * b)) with two vector accumulators; the order of the
+// additions is fixed, so the result is deterministic.
 template <typename acc_t>
-acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
+acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, const acc_t* __restrict c, int64_t n) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
+  auto ab = [&](int64_t i) {
+    return c ? Vec::loadu(a + i) * Vec::loadu(c + i) : Vec::loadu(a + i);
+  };
   Vec s0(acc_t(0)), s1(acc_t(0));
   int64_t i = 0;
   for (; i + 2 * V <= n; i += 2 * V) {
-    s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
-    s1 = at::vec::fmadd(Vec::loadu(a + i + V), Vec::loadu(b + i + V), s1);
+    s0 = at::vec::fmadd(ab(i), Vec::loadu(b + i), s0);
+    s1 = at::vec::fmadd(ab(i + V), Vec::loadu(b + i + V), s1);
   }
-  for (; i + V <= n; i += V) s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
+  for (; i + V <= n; i += V) s0 = at::vec::fmadd(ab(i), Vec::loadu(b + i), s0);
   acc_t lanes[V];
   (s0 + s1).store(lanes);
   acc_t s = 0;
   for (int64_t k = 0; k < V; ++k) s += lanes[k];
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += (c ? a[i] * c[i] : a[i]) * b[i];
   return s;
 }
 
@@ -117,33 +121,37 @@ const acc_t* as_acc(const T* row, acc_t* buf, int64_t n) {
 // ---- forward ------------------------------------------------------------------------------
 
 // x_t: dtype of x; out_t: dtype of w and y (x_t, or float when x is bf16/fp16).
+// Per row: one read of x from memory (the second read hits the cache), one write of y.
 template <typename x_t, typename out_t>
 void forward_kernel(const x_t* x, const at::opmath_type<x_t>* w, out_t* y, at::opmath_type<x_t>* rstd,
                     int64_t N, int64_t D, double eps) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / D);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf(D), nbuf(D);
+    std::vector<acc_t> xbuf(D), nbuf(D), ybuf(D);
     std::vector<x_t> scratch(D);
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t* xi = as_acc<x_t, acc_t>(x + i * D, xbuf.data(), D);   // (D,)
-      const acc_t r = acc_t(1) / std::sqrt(dot(xi, xi, D) / acc_t(D) + acc_t(eps));
+      const acc_t* xi = as_acc<x_t, acc_t>(x + i * D, xbuf.data(), D);      // (D,)
+      const acc_t r = acc_t(1) / std::sqrt(dot<acc_t>(xi, xi, nullptr, D) / acc_t(D) + acc_t(eps));
       rstd[i] = r;
-      acc_t* n = nbuf.data();
-      for (int64_t j = 0; j < D; ++j) n[j] = xi[j] * r;                  // normalised row
-      round_to<x_t, acc_t>(n, scratch.data(), D);                        // cast to x's dtype
-      for (int64_t j = 0; j < D; ++j) n[j] = n[j] * w[j];
-      if constexpr (std::is_same_v<out_t, acc_t>) {
-        std::copy(n, n + D, y + i * D);
+      acc_t* yi = ybuf.data();                                               // (D,) y in acc_t
+      if constexpr (std::is_same_v<out_t, acc_t>) yi = y + i * D;            // ... or y itself
+      if constexpr (std::is_same_v<x_t, acc_t>) {
+        for (int64_t j = 0; j < D; ++j) yi[j] = (xi[j] * r) * w[j];
       } else {
-        narrow<out_t, acc_t>(n, y + i * D, D);
+        acc_t* n = nbuf.data();
+        for (int64_t j = 0; j < D; ++j) n[j] = xi[j] * r;                   // normalised row
+        round_to<x_t, acc_t>(n, scratch.data(), D);                          // cast to x's dtype
+        for (int64_t j = 0; j < D; ++j) yi[j] = n[j] * w[j];
       }
+      if constexpr (!std::is_same_v<out_t, acc_t>) narrow<out_t, acc_t>(yi, y + i * D, D);
     }
   });
 }
 
 // ---- backward -----------------------------------------------------------------------------
 
+// Per row: one read of grad_y and x from memory, one write of dx; dw accumulates in the cache.
 template <typename x_t, typename out_t>
 void backward_kernel(const out_t* g, const x_t* x, const at::opmath_type<x_t>* w,
                      const at::opmath_type<x_t>* rstd, x_t* dx, at::opmath_type<x_t>* dw_partial,
@@ -153,29 +161,32 @@ void backward_kernel(const out_t* g, const x_t* x, const at::opmath_type<x_t>* w
   const int64_t rows_per_task = std::max<int64_t>(1, kGrainElements / D);
   const int64_t grain = std::max<int64_t>(1, rows_per_task * num_blocks / N);
   at::parallel_for(0, num_blocks, grain, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<acc_t> xbuf(D), gbuf(D), gw(D), tmp(D);
+    std::vector<acc_t> xbuf(D), gbuf(D), dxbuf(D), nbuf(D);
     std::vector<x_t> scratch(D);
     for (int64_t b = b_begin; b < b_end; ++b) {
-      acc_t* dw_b = dw_partial + b * D;                                   // (D,) this block's part
+      acc_t* dw_b = dw_partial + b * D;                                      // (D,) this block's part
       const int64_t row_begin = N * b / num_blocks, row_end = N * (b + 1) / num_blocks;
       for (int64_t i = row_begin; i < row_end; ++i) {
-        const acc_t* xi = as_acc<x_t, acc_t>(x + i * D, xbuf.data(), D);  // (D,)
-        const acc_t* gi = as_acc<out_t, acc_t>(g + i * D, gbuf.data(), D); // (D,)
+        const acc_t* xi = as_acc<x_t, acc_t>(x + i * D, xbuf.data(), D);     // (D,)
+        const acc_t* gi = as_acc<out_t, acc_t>(g + i * D, gbuf.data(), D);   // (D,)
         const acc_t r = rstd[i];
-        for (int64_t j = 0; j < D; ++j) gw[j] = gi[j] * w[j];
-        // dx = r * gw - x * (r^3 * mean(gw * x))
-        const acc_t c = r * r * r * dot(gw.data(), xi, D) * inv_D;
-        acc_t* t = tmp.data();
-        for (int64_t j = 0; j < D; ++j) t[j] = r * gw[j] - c * xi[j];
+        // dx = r * g*w - x * (r^3 * mean(g*w*x))
+        const acc_t c = r * r * r * dot<acc_t>(gi, xi, w, D) * inv_D;
         if constexpr (std::is_same_v<x_t, acc_t>) {
-          std::copy(t, t + D, dx + i * D);
+          x_t* dxi = dx + i * D;
+          for (int64_t j = 0; j < D; ++j) {
+            dxi[j] = r * (gi[j] * w[j]) - c * xi[j];
+            dw_b[j] += gi[j] * (xi[j] * r);                                  // dw += g * (x * r)
+          }
         } else {
+          acc_t* t = dxbuf.data();
+          for (int64_t j = 0; j < D; ++j) t[j] = r * (gi[j] * w[j]) - c * xi[j];
           narrow<x_t, acc_t>(t, dx + i * D, D);
+          acc_t* n = nbuf.data();
+          for (int64_t j = 0; j < D; ++j) n[j] = xi[j] * r;
+          round_to<x_t, acc_t>(n, scratch.data(), D);                       // cast to x's dtype
+          for (int64_t j = 0; j < D; ++j) dw_b[j] += gi[j] * n[j];           // dw += g * cast_x(x * r)
         }
-        // dw += g * cast_x(x * r)
-        for (int64_t j = 0; j < D; ++j) t[j] = xi[j] * r;
-        round_to<x_t, acc_t>(t, scratch.data(), D);
-        for (int64_t j = 0; j < D; ++j) dw_b[j] += gi[j] * t[j];
       }
     }
   });
