@@ -92,6 +92,7 @@ class TrainConfig:
     dtype: str = "fp32"               # "fp32" | "bf16" (autocast, CPU or CUDA) | "fp16" (CUDA, GradScaler)
     compile: bool = False             # torch.compile the model
     feature_cache: bool = False       # run the frozen encoder once per image, memory-map the features
+    cache_dir: str | None = None      # where (default out_dir/feature_cache); stages may share one
     trainable: tuple | None = None    # override the stage's freeze rule, e.g. ("projector",)
     save_every: int = 0               # optimizer steps between checkpoints (0: only at the end)
     log_every: int = 10
@@ -141,12 +142,10 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
     """
     lm = getattr(model, "lm", model)
     parts = {"lm": lm, "last_block": lm.layers[-1]}
-    for name in ("projector", "vision_proj"):
-        if hasattr(model, name):
-            parts["projector"] = getattr(model, name)
-    for name in ("vision", "vision_encoder"):
-        if hasattr(model, name):
-            parts["vision"] = getattr(model, name)
+    if hasattr(model, "vision_proj"):
+        parts["projector"] = model.vision_proj
+    if hasattr(model, "vision_encoder"):
+        parts["vision"] = model.vision_encoder
     return parts
 
 
@@ -262,10 +261,11 @@ class FeatureCache:
         meta_file = folder / "features.json"
         if meta_file.is_file():
             cache = cls(folder)
-            if cache.fingerprint == fingerprint:
+            wanted = {str(p) for _, _, paths in getattr(dataset, "samples", []) for p in paths}
+            if cache.fingerprint == fingerprint and wanted <= cache.row.keys():
                 log(f"feature cache: reusing {folder} ({len(cache.row)} images)")
                 return cache
-            meta_file.unlink()                        # built by another encoder: rebuild
+            meta_file.unlink()                        # another encoder or other images: rebuild
         t0 = time.time()
         seen, pending, shape = {}, [], None           # path -> row; (path, pixels) waiting to be encoded
         tmp = folder / "features.f32.tmp"
@@ -445,13 +445,16 @@ def train(model: nn.Module, dataset, collate, tcfg: TrainConfig, out_dir, log=pr
     if tcfg.feature_cache and encoder is not None:
         if "vision" in groups:
             raise ValueError("the feature cache needs a frozen vision encoder (drop 'vision' from trainable)")
-        folder = out_dir / "feature_cache"
+        folder = Path(tcfg.cache_dir) if tcfg.cache_dir else out_dir / "feature_cache"
         fp = FeatureCache.fingerprint_of(parts["vision"]) if "vision" in parts else "none"
         if is_main:
             FeatureCache.build(folder, encoder, dataset, fp, log=log)
         if world > 1:
             dist.barrier()
         cache = FeatureCache(folder)
+    had_pixels = getattr(dataset, "load_pixels", None)
+    if cache is not None and had_pixels is not None:
+        dataset.load_pixels = False                       # items: ids, labels, image paths only
 
     # -- optimizer, precision
     optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas,
@@ -589,6 +592,8 @@ def train(model: nn.Module, dataset, collate, tcfg: TrainConfig, out_dir, log=pr
                 if tcfg.stop_after is not None and step >= tcfg.stop_after and step < total:
                     result.stopped_early = True
                     break
+                if step >= total:                          # max_steps may end mid-epoch
+                    break
                 micro = 0
             if result.stopped_early:
                 break
@@ -599,6 +604,8 @@ def train(model: nn.Module, dataset, collate, tcfg: TrainConfig, out_dir, log=pr
     finally:
         if metrics is not None:
             metrics.close()
+        if had_pixels is not None:
+            dataset.load_pixels = had_pixels
     result.final_step = step
     result.seconds = time.time() - t_start
     if is_main and tcfg.plot and not result.stopped_early:
@@ -667,52 +674,44 @@ def load_model(ckpt_dir, device="cpu"):
 
 
 def initialise(model, init: str | None, clip: str | None = None, log=print) -> None:
-    """Load starting weights into `model` (a MiniMindVLM or MiniMindLM).
+    """Load starting weights into `model` (a MiniMindVLM, or a MiniMindLM).
 
-    init: a checkpoint directory of ours (a previous stage: every weight), our LM `model.pt`
-    (the language model only), or an upstream MiniMind / MiniMind-V `.pth`.
+    init, by what it is:
+    - a checkpoint directory of ours (a previous stage): every weight;
+    - a `.pt`/`.pth` state dict with our names: the whole model (VLM names `lm.*`, `vision_proj.*`,
+      ...) or only the language model (our LM's `model.pt`);
+    - an upstream MiniMind LLM `.pth` (`model.layers.*` names): the language model; an upstream
+      MiniMind-V `.pth` (with `vision_proj.*`): the language model and the projector.
     clip: CLIP vision weights for the encoder (any format `load_clip_vision` reads).
     """
-    from .checkpoint import strict_load, translate_upstream
+    from .checkpoint import load_upstream, strict_load
 
     lm = getattr(model, "lm", model)
     if init:
         path = Path(init)
-        if path.is_dir():
-            state = load_weights(path)
+        state = load_weights(path) if path.is_dir() else load_state_dict(path)
+        if any(k.startswith("model.layers.") for k in state):                # upstream names
+            if any(k.startswith("vision_proj.") for k in state) and lm is not model:
+                encoder = clip if clip else model.vision_encoder
+                built = load_upstream(state, model.cfg, clip=encoder)
+                model.lm.load_state_dict(built.lm.state_dict())
+                model.vision_proj.load_state_dict(built.vision_proj.state_dict())
+                model.vision_encoder.load_state_dict(built.vision_encoder.state_dict())
+                log(f"init: upstream MiniMind-V weights (LM + projector) from {path}")
+            else:
+                lm.load_state_dict(load_upstream(state, lm.cfg).state_dict())
+                log(f"init: upstream language model from {path}")
+        elif lm is not model and not any(k.startswith("lm.") for k in state):
+            strict_load(lm, state, str(path))
+            log(f"init: language model from {path}")
+        else:
             strict_load(model, state, str(path))
             log(f"init: every weight from {path}")
-        else:
-            state = load_state_dict(path)
-            if any(k.startswith("model.") or k == "lm_head.weight" for k in state):   # upstream names
-                ours, unknown = translate_upstream(state)
-                proj = {k: v for k, v in state.items() if k.startswith("vision_proj.")}
-                unknown = [k for k in unknown if k not in proj]
-                if unknown:
-                    raise ValueError(f"{path}: unexpected keys ({len(unknown)}): {', '.join(unknown[:10])}")
-                if "embed_tokens.weight" in ours:
-                    ours.setdefault("lm_head.weight", ours["embed_tokens.weight"])
-                strict_load(lm, ours, str(path))
-                if proj and lm is not model:
-                    _load_upstream_projector(model, proj, path)
-                log(f"init: upstream weights from {path}" + (" (with projector)" if proj else ""))
-            elif any(k.startswith(("lm.", "projector.")) for k in state):
-                strict_load(model, state, str(path))
-                log(f"init: every weight from {path}")
-            else:
-                strict_load(lm, state, str(path))
-                log(f"init: language model from {path}")
     if clip:
         from .clip_weights import load_clip_vision
         encoder, _ = load_clip_vision(clip)
-        model_parts(model)["vision"].load_state_dict(encoder.state_dict())
+        strict_load(model_parts(model)["vision"], encoder.state_dict(), str(clip))
         log(f"init: vision encoder from {clip}")
-
-
-def _load_upstream_projector(model, proj: dict, path) -> None:
-    projector = model_parts(model)["projector"]
-    mapped = {k.replace("vision_proj.vision_proj.0.", "proj."): v for k, v in proj.items()}
-    strict_load(projector, mapped, str(path))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -251,3 +251,71 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     for k, v in single.state_dict().items():
         assert not torch.equal(v, before[k])                 # both runs really trained
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ----------------------------------------------------------------------------- with a tiny VLM
+@pytest.fixture(scope="module")
+def vlm_data(tmp_path_factory):
+    from minimind_v.data import VLMDataset
+    from minimind_v.synthetic import answer_words, make_dataset
+    from minimind_v.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("vlm")
+    data = make_dataset(root / "data", n_train=16, n_test=4, seed=2, image_size=48)
+    tok = Tokenizer.train([data / "pretrain_train.jsonl", data / "sft_train.jsonl"], root / "tok" / "t",
+                          vocab_size=1000, user_defined_symbols=answer_words())
+    sets = {s: VLMDataset(data / f"{s}_train.jsonl", data / "images", tok, max_length=64, num_patches=9,
+                          image_size=48) for s in ("pretrain", "sft")}
+    return tok, sets
+
+
+def tiny_vlm(tok, seed=0):
+    from minimind_v.config import VisionConfig, VLMConfig
+    from minimind_v.vlm import MiniMindVLM
+
+    torch.manual_seed(seed)
+    return MiniMindVLM(VLMConfig(
+        lm=LMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, max_seq_len=128),
+        vision=VisionConfig(image_size=48, patch_size=16, hidden_size=32, num_layers=1, num_heads=2,
+                            intermediate_size=64),
+        image_pad_id=tok.image_pad_id, num_patches=9))
+
+
+@pytest.mark.parametrize("stage, learns", [("pretrain", ("vision_proj.", "lm.layers.1.")),
+                                           ("sft", ("vision_proj.", "lm."))])
+def test_vlm_stage_freeze_rules(vlm_data, tmp_path, stage, learns):
+    from minimind_v.data import collate
+
+    tok, sets = vlm_data
+    model = tiny_vlm(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, sets[stage], collate, TrainConfig(stage=stage, epochs=2, lr=1e-2, batch_size=8, weight_decay=0.1),
+          tmp_path, log=quiet, encoder=model.image_features)
+    for k, v in model.state_dict().items():
+        if k.startswith(learns) and not k.startswith("lm.rope"):
+            assert not torch.equal(v, before[k]), f"{stage}: {k} should have learned"
+        else:                                           # the encoder always, the rest of the LM in pretrain
+            assert torch.equal(v, before[k]), f"{stage}: {k} is frozen but changed"
+
+
+def test_feature_cache_gives_the_same_training_and_skips_the_encoder(vlm_data, tmp_path):
+    from minimind_v.data import collate
+
+    tok, sets = vlm_data
+    cfg = dict(stage="sft", epochs=3, lr=5e-3, batch_size=4, seed=0)
+    plain_model = tiny_vlm(tok)
+    plain = train(plain_model, sets["sft"], collate, TrainConfig(**cfg), tmp_path / "plain", log=quiet)
+    cached_model = tiny_vlm(tok)
+    calls = []
+    cached_model.vision_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    cached = train(cached_model, sets["sft"], collate, TrainConfig(feature_cache=True, **cfg), tmp_path / "cached",
+                   log=quiet, encoder=cached_model.image_features)
+    assert sum(calls) == 16                             # each of the 16 pictures encoded once, for 3 epochs
+    assert sets["sft"].load_pixels                      # the dataset is handed back as it was
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
+    assert plain.losses[-1] < plain.losses[0]
+    # a second run finds the cache complete and encodes nothing
+    calls.clear()
+    train(tiny_vlm(tok), sets["sft"], collate, TrainConfig(feature_cache=True, max_steps=1, **cfg),
+          tmp_path / "cached", log=quiet, encoder=cached_model.image_features)
+    assert calls == []

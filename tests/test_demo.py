@@ -1,0 +1,48 @@
+"""The demo's quick mode runs the whole pipeline, and the checkpoint it writes chats correctly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minimind_v.chat import cli_chat, load_chat_model, load_pixels, prompt_ids, user_message
+from minimind_v.demo import cli
+from minimind_v.generate import generate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quick_demo_end_to_end_and_its_checkpoint_chats(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli(["--quick", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    for stage_line in ("[1/5]", "[2/5]", "[3/5] pretrain", "[4/5] sft", "[5/5] held-out exact match"):
+        assert stage_line in log
+    for f in ("data/sft_test.jsonl", "pretrain/model.pt", "pretrain/loss.png", "sft/model.pt", "sft/config.json",
+              "sft/tokenizer.model", "sft/metrics.jsonl", "sft/loss.png", "answers.png"):
+        assert (out / f).is_file(), f
+    losses = [json.loads(x)["loss"] for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and losses[-1] < losses[0]            # it learns something even in seconds
+    from PIL import Image
+    assert Image.open(out / "answers.png").size[0] == 4 * 144
+
+    # the SFT checkpoint chats: streamed text == generate() on the same prompt and picture
+    model, tok, info = load_chat_model(out / "sft")
+    assert info["stage"] == "sft"
+    rec = json.loads((out / "data" / "sft_test.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    image = out / "data" / "images" / rec["image"]
+    question = rec["conversations"][0]["content"]                  # already ends with <image>
+    assert cli_chat(["--checkpoint", str(out / "sft"), "--image", str(image), "--max-new-tokens", "8",
+                     question]) == 0
+    printed = capsys.readouterr().out
+    ids = torch.tensor([prompt_ids(tok, [user_message(question, 1)], model.cfg.num_patches)])
+    new = generate(model, ids, 8, eos_id=tok.eos_id, images=load_pixels([image], 48)[None])[0, ids.shape[1]:].tolist()
+    new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+    assert printed == tok.decode(new) + "\n"
