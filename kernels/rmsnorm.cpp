@@ -32,6 +32,28 @@
 #include <vector>
 
 namespace minimind {
+
+// ---- checks and dtype plumbing --------------------------------------------------------------
+
+// Shared with rmsnorm.cu. The output dtype is promote(x, w); supported: w == x, or float32 w with a bf16/fp16 x.
+at::ScalarType check_and_out_dtype(const at::Tensor& x, const at::Tensor& weight, const char* who) {
+  TORCH_CHECK(x.dim() >= 1, who, ": x must have at least one dimension, got a scalar");
+  TORCH_CHECK(weight.dim() == 1, who, ": weight must be 1-D (D,), got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(0) == x.size(-1), who, ": weight has ", weight.size(0),
+              " elements but x's last dimension is ", x.size(-1));
+  TORCH_CHECK(x.device() == weight.device(), who, ": x is on ", x.device(), " but weight is on ",
+              weight.device());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kDouble || xt == at::kBFloat16 || xt == at::kHalf, who,
+              ": x must be float32, float64, bfloat16 or float16, got ", xt);
+  const auto out = c10::promoteTypes(xt, weight.scalar_type());
+  const bool half_x = xt == at::kBFloat16 || xt == at::kHalf;
+  TORCH_CHECK(out == xt || (half_x && out == at::kFloat), who, ": unsupported dtype pair x=", xt,
+              ", weight=", weight.scalar_type(), " (the result would be ", out,
+              "); use a weight of x's dtype or float32");
+  return out;
+}
+
 namespace {
 
 using at::vec::Vectorized;
@@ -190,27 +212,6 @@ void backward_kernel(const out_t* g, const x_t* x, const at::opmath_type<x_t>* w
       }
     }
   });
-}
-
-// ---- checks and dtype plumbing --------------------------------------------------------------
-
-// The output dtype is promote(x, w); supported: w == x, or float32 w with a bf16/fp16 x.
-at::ScalarType check_and_out_dtype(const at::Tensor& x, const at::Tensor& weight, const char* who) {
-  TORCH_CHECK(x.dim() >= 1, who, ": x must have at least one dimension, got a scalar");
-  TORCH_CHECK(weight.dim() == 1, who, ": weight must be 1-D (D,), got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(0) == x.size(-1), who, ": weight has ", weight.size(0),
-              " elements but x's last dimension is ", x.size(-1));
-  TORCH_CHECK(x.device() == weight.device(), who, ": x is on ", x.device(), " but weight is on ",
-              weight.device());
-  const auto xt = x.scalar_type();
-  TORCH_CHECK(xt == at::kFloat || xt == at::kDouble || xt == at::kBFloat16 || xt == at::kHalf, who,
-              ": x must be float32, float64, bfloat16 or float16, got ", xt);
-  const auto out = c10::promoteTypes(xt, weight.scalar_type());
-  const bool half_x = xt == at::kBFloat16 || xt == at::kHalf;
-  TORCH_CHECK(out == xt || (half_x && out == at::kFloat), who, ": unsupported dtype pair x=", xt,
-              ", weight=", weight.scalar_type(), " (the result would be ", out,
-              "); use a weight of x's dtype or float32");
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_rms_norm_forward_cpu(const at::Tensor& x_in,

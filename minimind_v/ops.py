@@ -155,7 +155,7 @@ def build(verbose: bool = False) -> Path:
                                "(the package must be installed from a source checkout: pip install -e .)")
     _check_toolchain(with_cuda)
     cflags = _cpu_flags() + (["-DMINIMIND_WITH_CUDA"] if with_cuda else [])
-    cuda_flags = ["-O3", "--use_fast_math"] if with_cuda else []
+    cuda_flags = ["-O3"] if with_cuda else []
     key = hashlib.sha256()
     for src in sources:
         key.update(src.read_bytes())
