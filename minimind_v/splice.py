@@ -14,8 +14,8 @@ Two implementations with the same arguments and the same result:
   `torch.cat` around each run. Easy to check by eye, slow: per-row Python work, a host
   synchronisation per row (`.tolist()` on a GPU tensor waits for the device), a new row per run.
 - `splice`: the vectorized rewrite. Every step is a whole-batch tensor op of a fixed shape: find the
-  runs, number them, compute where each image vector lands, then one `index_copy_` writes all
-  image vectors into one copy of `h`. No Python loop over rows, runs or images, no host
+  runs, put their starts in order, compute where each image vector lands, then one `index_copy_`
+  writes all image vectors into one copy of `h`. No Python loop over rows, runs or images, no host
   synchronisation, `torch.compile(fullgraph=True)` traces it, and gradients flow to `h` (the
   untouched positions) and to `image_embeds` (the placed vectors).
 
@@ -67,8 +67,8 @@ def find_matches(input_ids: torch.Tensor, image_ids) -> torch.Tensor:
     if T < L:                                           # no window fits
         return torch.zeros(B, 0, dtype=torch.bool, device=input_ids.device)
     if all(i == image_ids[0] for i in image_ids):
-        is_pad = (input_ids == image_ids[0]).int()                          # (B, T)
-        count = torch.nn.functional.pad(is_pad.cumsum(1, dtype=torch.int32), (1, 0))  # (B, T + 1)
+        count = (input_ids == image_ids[0]).cumsum(1, dtype=torch.int32)    # (B, T)
+        count = torch.nn.functional.pad(count, (1, 0))                      # (B, T + 1), count[0] = 0
         return (count[:, L:] - count[:, :-L]) == L                          # (B, T - L + 1)
     pattern = torch.tensor(image_ids, dtype=input_ids.dtype, device=input_ids.device)  # (L,)
     windows = input_ids.unfold(1, L, 1)                 # (B, T - L + 1, L), a view
@@ -163,16 +163,15 @@ def splice(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Tensor,
         return h.clone()
     device = h.device
 
-    # 1. which windows start a run, and which image each run gets
+    # 1. which windows start a run
     starts = select_runs(find_matches(input_ids, image_ids), L)     # (B, W) bool
-    rank = starts.long().cumsum(1) - 1                              # (B, W): run number at each start
-    # 2. start position of each image's run: scatter the starts into (B, N); column N collects the
-    #    starts with no image left (rank >= N) and windows that are not starts; T means "no run"
-    slot = torch.where(starts & (rank < N), rank, N)                # (B, W)
-    pos = torch.arange(W, device=device).expand(B, W)               # (B, W)
-    image_start = torch.full((B, N + 1), T, dtype=torch.long, device=device)
-    image_start.scatter_(1, slot, pos)                              # duplicates only in column N
-    image_start = image_start[:, :N]                                # (B, N)
+    # 2. where each image goes: the n-th run's start is the n-th smallest kept position. Sorting
+    #    the kept positions (others set to T = "no run"), with N extra "no run" entries appended
+    #    so that a row with fewer runs than images still has N values, gives them in order.
+    pos = torch.arange(W, device=device)                            # (W,)
+    no_run = torch.full((B, N), T, dtype=torch.long, device=device)
+    candidates = torch.cat([torch.where(starts, pos, T), no_run], dim=1)    # (B, W + N)
+    image_start = candidates.sort(dim=1).values[:, :N]              # (B, N): start of image n, or T
     # 3. destination row (in h flattened to (B*T, D)) of every image vector; the vectors of an image
     #    without a run all go to one scratch row after the B*T real ones, dropped at the end
     j = torch.arange(L, device=device)                                           # (L,)
