@@ -413,11 +413,12 @@ def epoch_batches(n_items: int, batch_size: int, epoch: int, seed: int, rank: in
 
 
 def train(model: nn.Module, dataset, collate, tcfg: TrainConfig, out_dir, log=print,
-          encoder=None) -> TrainResult:
+          encoder=None, on_step=None) -> TrainResult:
     """Train `model` on `dataset` under `tcfg`, writing checkpoints and metrics to `out_dir`.
 
     The caller builds the model (and writes config.json, see `write_config`); `encoder` is the
     frozen vision encoder's feature function for the feature cache (`model.image_features`).
+    `on_step(step, loss)` is called after every optimizer step (e.g. to evaluate now and then).
     """
     out_dir = Path(out_dir)
     rank, world, device = setup_distributed(tcfg.device)
@@ -587,6 +588,8 @@ def train(model: nn.Module, dataset, collate, tcfg: TrainConfig, out_dir, log=pr
                     log(format_progress(step, total, loss_value, lr, float(grad_norm),
                                         tokens_since_log / max(now - t_log, 1e-9), eta))
                     t_log, tokens_since_log = now, 0
+                if on_step is not None:
+                    on_step(step, loss_value)
                 if tcfg.save_every and step % tcfg.save_every == 0 and step < total:
                     checkpoint(step)
                 if tcfg.stop_after is not None and step >= tcfg.stop_after and step < total:
