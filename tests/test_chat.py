@@ -19,6 +19,14 @@ from minimind_v.train import WEIGHTS, write_config
 from minimind_v.vlm import MiniMindVLM
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A random tiny VLM saved as a checkpoint directory, with a small generated dataset."""
