@@ -230,3 +230,19 @@ def test_cuda_opcheck_and_mixed_dtype():
     x, w, _ = make_inputs((33, 256), torch.bfloat16, w_dtype=torch.float32, device="cuda")
     torch.library.opcheck(torch.ops.minimind.fused_rms_norm_forward, (x.requires_grad_(True), w, 1e-5))
     check_against_eager((33, 256), torch.bfloat16, w_dtype=torch.float32, device="cuda")
+
+
+def test_lm_under_bf16_autocast_fused_matches_eager():
+    from minimind_v.config import LMConfig
+    from minimind_v.lm import MiniMindLM
+
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for impl in ("eager", "fused"):
+        torch.manual_seed(0)
+        model = MiniMindLM(LMConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, max_seq_len=64, norm_impl=impl))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[impl] = model(ids).float()
+    assert logits["eager"].abs().max() > 0
+    torch.testing.assert_close(logits["fused"], logits["eager"], atol=3e-2, rtol=3e-2)
