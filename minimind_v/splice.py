@@ -147,6 +147,23 @@ def select_runs(matches: torch.Tensor, L: int) -> torch.Tensor:
     return kept[:, :W]                                                      # (B, W)
 
 
+def runs_of_one_id(input_ids: torch.Tensor, pad_id: int, L: int) -> torch.Tensor:
+    """`select_runs(find_matches(input_ids, [pad_id] * L), L)` in closed form: (B, T) -> (B, W) bool.
+
+    With one repeated id the greedy scan cuts every block of consecutive placeholders into runs of
+    L from the block's first position: a run starts where the position inside its block is a
+    multiple of L and the block still holds L placeholders from there.
+    """
+    B, T = input_ids.shape
+    W = T - L + 1
+    is_pad = input_ids == pad_id                                            # (B, T)
+    pos = torch.arange(T, device=input_ids.device)                          # (T,)
+    block_start = torch.where(is_pad, 0, pos + 1).cummax(1).values         # (B, T): first pad of the block
+    offset = pos - block_start                                              # (B, T): position inside the block
+    whole = offset[:, L - 1:] - offset[:, :W] == L - 1                      # (B, W): L pads from s on
+    return is_pad[:, :W] & whole & (offset[:, :W] % L == 0)                 # (B, W)
+
+
 def splice(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Tensor,
            image_ids) -> torch.Tensor:
     """Replace the n-th placeholder run of each row by that row's image n (vectorized version).
@@ -163,8 +180,12 @@ def splice(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Tensor,
         return h.clone()
     device = h.device
 
-    # 1. which windows start a run
-    starts = select_runs(find_matches(input_ids, image_ids), L)     # (B, W) bool
+    # 1. which windows start a run (a closed form for the usual one-id placeholder)
+    if all(i == image_ids[0] for i in image_ids):
+        starts = runs_of_one_id(input_ids, image_ids[0], L)         # (B, W) bool
+    else:
+        starts = select_runs(find_matches(input_ids, image_ids), L)
+
     # 2. where each image goes: the n-th run's start is the n-th smallest kept position. Sorting
     #    the kept positions (others set to T = "no run"), with N extra "no run" entries appended
     #    so that a row with fewer runs than images still has N values, gives them in order.
