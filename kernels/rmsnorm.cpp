@@ -29,7 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
-#include <vector>
+#include <utility>
 
 namespace minimind {
 
@@ -61,155 +61,152 @@ using at::vec::Vectorized;
 constexpr int64_t kGrainElements = 32768;  // at least this many elements per parallel task
 constexpr int64_t kMaxDwBlocks = 64;       // fixed row blocks for the deterministic dw sum
 
-// ---- small vectorised helpers (acc_t is float or double) ------------------------------------
+// ---- vector helpers ---------------------------------------------------------------------------
+//
+// A row is processed in chunks of C = 2 * Vec::size() elements (16 floats with AVX2), held as two
+// vectors of the accumulation type acc_t (float, or double for double): bf16/fp16 are widened on
+// load and narrowed on store, so every dtype shares one loop body.
 
-// sum(a * b * c) (c may be null: sum(a * b)) with two vector accumulators; the order of the
-// additions is fixed, so the result is deterministic.
 template <typename acc_t>
-acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, const acc_t* __restrict c, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  auto ab = [&](int64_t i) {
-    return c ? Vec::loadu(a + i) * Vec::loadu(c + i) : Vec::loadu(a + i);
-  };
-  Vec s0(acc_t(0)), s1(acc_t(0));
-  int64_t i = 0;
-  for (; i + 2 * V <= n; i += 2 * V) {
-    s0 = at::vec::fmadd(ab(i), Vec::loadu(b + i), s0);
-    s1 = at::vec::fmadd(ab(i + V), Vec::loadu(b + i + V), s1);
-  }
-  for (; i + V <= n; i += V) s0 = at::vec::fmadd(ab(i), Vec::loadu(b + i), s0);
-  acc_t lanes[V];
-  (s0 + s1).store(lanes);
-  acc_t s = 0;
-  for (int64_t k = 0; k < V; ++k) s += lanes[k];
-  for (; i < n; ++i) s += (c ? a[i] * c[i] : a[i]) * b[i];
-  return s;
-}
+using Vec = Vectorized<acc_t>;
+template <typename acc_t>
+using Vec2 = std::pair<Vec<acc_t>, Vec<acc_t>>;
 
-// Widen a row of T into the accumulation type (bf16/fp16 -> float with vector conversions).
-template <typename T, typename acc_t>
-void widen(const T* __restrict src, acc_t* __restrict dst, int64_t n) {
-  int64_t i = 0;
-  if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
-    using bVec = Vectorized<T>;
-    constexpr int64_t fV = Vectorized<float>::size();
-    for (; i + bVec::size() <= n; i += bVec::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<T>(bVec::loadu(src + i));
-      lo.store(dst + i);
-      hi.store(dst + i + fV);
-    }
-  }
-  for (; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
-}
+template <typename T>
+constexpr bool is_reduced = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
 
-// Narrow a row of acc_t to T (round to nearest even).
 template <typename T, typename acc_t>
-void narrow(const acc_t* __restrict src, T* __restrict dst, int64_t n) {
-  int64_t i = 0;
-  if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
-    using bVec = Vectorized<T>;
-    using fVec = Vectorized<float>;
-    constexpr int64_t fV = fVec::size();
-    for (; i + bVec::size() <= n; i += bVec::size()) {
-      bVec v = at::vec::convert_from_float<T>(fVec::loadu(src + i), fVec::loadu(src + i + fV));
-      v.store(dst + i);
-    }
-  }
-  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
-// Round a row in place to T's precision (a no-op when T is the accumulation type).
-template <typename T, typename acc_t>
-void round_to(acc_t* __restrict row, T* __restrict scratch, int64_t n) {
-  if constexpr (!std::is_same_v<T, acc_t>) {
-    narrow<T, acc_t>(row, scratch, n);
-    widen<T, acc_t>(scratch, row, n);
-  }
-}
-
-// A row pointer in the accumulation type: the tensor itself when no conversion is needed,
-// otherwise the row widened into `buf`.
-template <typename T, typename acc_t>
-const acc_t* as_acc(const T* row, acc_t* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return row;
+inline Vec2<acc_t> load2(const T* p) {
+  if constexpr (is_reduced<T>) {
+    static_assert(Vectorized<T>::size() == 2 * Vec<float>::size());
+    auto [lo, hi] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+    return {lo, hi};
   } else {
-    widen<T, acc_t>(row, buf, n);
-    return buf;
+    return {Vec<acc_t>::loadu(p), Vec<acc_t>::loadu(p + Vec<acc_t>::size())};
   }
+}
+
+template <typename T, typename acc_t>
+inline void store2(T* p, const Vec<acc_t>& lo, const Vec<acc_t>& hi) {
+  if constexpr (is_reduced<T>) {
+    at::vec::convert_from_float<T>(lo, hi).store(p);   // round to nearest even
+  } else {
+    lo.store(p);
+    hi.store(p + Vec<acc_t>::size());
+  }
+}
+
+// Round to T's precision and back (cast_x); a no-op when T is the accumulation type.
+template <typename T, typename acc_t>
+inline Vec2<acc_t> round2(const Vec<acc_t>& lo, const Vec<acc_t>& hi) {
+  if constexpr (is_reduced<T>) {
+    auto [a, b] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(lo, hi));
+    return {a, b};
+  } else {
+    return {lo, hi};
+  }
+}
+
+template <typename acc_t>
+inline acc_t horizontal_sum(const Vec<acc_t>& v) {
+  acc_t lanes[Vec<acc_t>::size()];
+  v.store(lanes);
+  acc_t s = 0;
+  for (int64_t k = 0; k < Vec<acc_t>::size(); ++k) s += lanes[k];
+  return s;
 }
 
 // ---- forward ------------------------------------------------------------------------------
 
-// x_t: dtype of x; out_t: dtype of w and y (x_t, or float when x is bf16/fp16).
-// Per row: one read of x from memory (the second read hits the cache), one write of y.
+// One row: x (D,) -> y (D,), returns r. x_t: dtype of x; out_t: dtype of y (x_t, or float when x
+// is bf16/fp16); w is in acc_t. x is read from memory once; the second loop finds it in L1/L2.
+template <typename x_t, typename out_t, typename acc_t = at::opmath_type<x_t>>
+acc_t forward_row(const x_t* __restrict x, const acc_t* __restrict w, out_t* __restrict y, int64_t D,
+                  acc_t eps) {
+  constexpr int64_t V = Vec<acc_t>::size(), C = 2 * V;
+  Vec<acc_t> s0(acc_t(0)), s1(acc_t(0));
+  int64_t j = 0;
+  for (; j + C <= D; j += C) {                        // sum of squares, two accumulators
+    auto [a, b] = load2<x_t, acc_t>(x + j);
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+  }
+  acc_t sumsq = horizontal_sum<acc_t>(s0 + s1);
+  for (; j < D; ++j) sumsq += static_cast<acc_t>(x[j]) * static_cast<acc_t>(x[j]);
+  const acc_t r = acc_t(1) / std::sqrt(sumsq / static_cast<acc_t>(D) + eps);
+
+  const Vec<acc_t> rv(r);
+  for (j = 0; j + C <= D; j += C) {                   // y = w * cast_x(x * r)
+    auto [a, b] = load2<x_t, acc_t>(x + j);
+    auto [na, nb] = round2<x_t, acc_t>(a * rv, b * rv);
+    store2<out_t, acc_t>(y + j, na * Vec<acc_t>::loadu(w + j), nb * Vec<acc_t>::loadu(w + j + V));
+  }
+  for (; j < D; ++j) {
+    const acc_t n = static_cast<acc_t>(static_cast<x_t>(static_cast<acc_t>(x[j]) * r));
+    y[j] = static_cast<out_t>(n * w[j]);
+  }
+  return r;
+}
+
 template <typename x_t, typename out_t>
 void forward_kernel(const x_t* x, const at::opmath_type<x_t>* w, out_t* y, at::opmath_type<x_t>* rstd,
                     int64_t N, int64_t D, double eps) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / D);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf(D), nbuf(D), ybuf(D);
-    std::vector<x_t> scratch(D);
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* xi = as_acc<x_t, acc_t>(x + i * D, xbuf.data(), D);      // (D,)
-      const acc_t r = acc_t(1) / std::sqrt(dot<acc_t>(xi, xi, nullptr, D) / acc_t(D) + acc_t(eps));
-      rstd[i] = r;
-      acc_t* yi = ybuf.data();                                               // (D,) y in acc_t
-      if constexpr (std::is_same_v<out_t, acc_t>) yi = y + i * D;            // ... or y itself
-      if constexpr (std::is_same_v<x_t, acc_t>) {
-        for (int64_t j = 0; j < D; ++j) yi[j] = (xi[j] * r) * w[j];
-      } else {
-        acc_t* n = nbuf.data();
-        for (int64_t j = 0; j < D; ++j) n[j] = xi[j] * r;                   // normalised row
-        round_to<x_t, acc_t>(n, scratch.data(), D);                          // cast to x's dtype
-        for (int64_t j = 0; j < D; ++j) yi[j] = n[j] * w[j];
-      }
-      if constexpr (!std::is_same_v<out_t, acc_t>) narrow<out_t, acc_t>(yi, y + i * D, D);
-    }
+    for (int64_t i = begin; i < end; ++i)
+      rstd[i] = forward_row<x_t, out_t>(x + i * D, w, y + i * D, D, static_cast<acc_t>(eps));
   });
 }
 
 // ---- backward -----------------------------------------------------------------------------
 
-// Per row: one read of grad_y and x from memory, one write of dx; dw accumulates in the cache.
+// One row: dx = r * (g*w) - x * c  with  c = r^3 * mean(g*w*x);  dw_acc += g * cast_x(x * r).
+// g and x are read from memory once (the second loop finds them in cache), dx written once.
+template <typename x_t, typename out_t, typename acc_t = at::opmath_type<x_t>>
+void backward_row(const out_t* __restrict g, const x_t* __restrict x, const acc_t* __restrict w, acc_t r,
+                  x_t* __restrict dx, acc_t* __restrict dw_acc, int64_t D) {
+  constexpr int64_t V = Vec<acc_t>::size(), C = 2 * V;
+  Vec<acc_t> s0(acc_t(0)), s1(acc_t(0));
+  int64_t j = 0;
+  for (; j + C <= D; j += C) {                        // sum of g * w * x
+    auto [ga, gb] = load2<out_t, acc_t>(g + j);
+    auto [xa, xb] = load2<x_t, acc_t>(x + j);
+    s0 = at::vec::fmadd(ga * Vec<acc_t>::loadu(w + j), xa, s0);
+    s1 = at::vec::fmadd(gb * Vec<acc_t>::loadu(w + j + V), xb, s1);
+  }
+  acc_t dot = horizontal_sum<acc_t>(s0 + s1);
+  for (; j < D; ++j) dot += static_cast<acc_t>(g[j]) * w[j] * static_cast<acc_t>(x[j]);
+  const acc_t c = r * r * r * dot / static_cast<acc_t>(D);
+
+  const Vec<acc_t> rv(r), cv(c);
+  for (j = 0; j + C <= D; j += C) {
+    auto [ga, gb] = load2<out_t, acc_t>(g + j);
+    auto [xa, xb] = load2<x_t, acc_t>(x + j);
+    const Vec<acc_t> wa = Vec<acc_t>::loadu(w + j), wb = Vec<acc_t>::loadu(w + j + V);
+    store2<x_t, acc_t>(dx + j, rv * (ga * wa) - cv * xa, rv * (gb * wb) - cv * xb);
+    auto [na, nb] = round2<x_t, acc_t>(xa * rv, xb * rv);
+    at::vec::fmadd(ga, na, Vec<acc_t>::loadu(dw_acc + j)).store(dw_acc + j);
+    at::vec::fmadd(gb, nb, Vec<acc_t>::loadu(dw_acc + j + V)).store(dw_acc + j + V);
+  }
+  for (; j < D; ++j) {
+    const acc_t gj = static_cast<acc_t>(g[j]), xj = static_cast<acc_t>(x[j]);
+    dx[j] = static_cast<x_t>(r * (gj * w[j]) - c * xj);
+    dw_acc[j] += gj * static_cast<acc_t>(static_cast<x_t>(xj * r));
+  }
+}
+
 template <typename x_t, typename out_t>
 void backward_kernel(const out_t* g, const x_t* x, const at::opmath_type<x_t>* w,
                      const at::opmath_type<x_t>* rstd, x_t* dx, at::opmath_type<x_t>* dw_partial,
                      int64_t num_blocks, int64_t N, int64_t D) {
-  using acc_t = at::opmath_type<x_t>;
-  const acc_t inv_D = acc_t(1) / acc_t(D);
   const int64_t rows_per_task = std::max<int64_t>(1, kGrainElements / D);
   const int64_t grain = std::max<int64_t>(1, rows_per_task * num_blocks / N);
   at::parallel_for(0, num_blocks, grain, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<acc_t> xbuf(D), gbuf(D), dxbuf(D), nbuf(D);
-    std::vector<x_t> scratch(D);
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      acc_t* dw_b = dw_partial + b * D;                                      // (D,) this block's part
+    for (int64_t b = b_begin; b < b_end; ++b) {      // block b: a fixed range of rows
       const int64_t row_begin = N * b / num_blocks, row_end = N * (b + 1) / num_blocks;
-      for (int64_t i = row_begin; i < row_end; ++i) {
-        const acc_t* xi = as_acc<x_t, acc_t>(x + i * D, xbuf.data(), D);     // (D,)
-        const acc_t* gi = as_acc<out_t, acc_t>(g + i * D, gbuf.data(), D);   // (D,)
-        const acc_t r = rstd[i];
-        // dx = r * g*w - x * (r^3 * mean(g*w*x))
-        const acc_t c = r * r * r * dot<acc_t>(gi, xi, w, D) * inv_D;
-        if constexpr (std::is_same_v<x_t, acc_t>) {
-          x_t* dxi = dx + i * D;
-          for (int64_t j = 0; j < D; ++j) {
-            dxi[j] = r * (gi[j] * w[j]) - c * xi[j];
-            dw_b[j] += gi[j] * (xi[j] * r);                                  // dw += g * (x * r)
-          }
-        } else {
-          acc_t* t = dxbuf.data();
-          for (int64_t j = 0; j < D; ++j) t[j] = r * (gi[j] * w[j]) - c * xi[j];
-          narrow<x_t, acc_t>(t, dx + i * D, D);
-          acc_t* n = nbuf.data();
-          for (int64_t j = 0; j < D; ++j) n[j] = xi[j] * r;
-          round_to<x_t, acc_t>(n, scratch.data(), D);                       // cast to x's dtype
-          for (int64_t j = 0; j < D; ++j) dw_b[j] += gi[j] * n[j];           // dw += g * cast_x(x * r)
-        }
-      }
+      for (int64_t i = row_begin; i < row_end; ++i)
+        backward_row<x_t, out_t>(g + i * D, x + i * D, w, rstd[i], dx + i * D, dw_partial + b * D, D);
     }
   });
 }

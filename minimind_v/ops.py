@@ -154,7 +154,7 @@ def build(verbose: bool = False) -> Path:
             raise RuntimeError(f"minimind_v.ops: kernel source {src} is missing "
                                "(the package must be installed from a source checkout: pip install -e .)")
     _check_toolchain(with_cuda)
-    cflags = _cpu_flags() + (["-DMINIMIND_WITH_CUDA"] if with_cuda else [])
+    cflags = _cpu_flags()
     cuda_flags = ["-O3"] if with_cuda else []
     key = hashlib.sha256()
     for src in sources:
