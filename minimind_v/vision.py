@@ -57,7 +57,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: b
 
     q, k, v: (B, H, T, d). Returns (out (B, H, T, d), probs (B, H, T, T) or None).
     """
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])   # (B, H, T, T)
+    # scaling q (T x d numbers) before the product = scaling the scores (T x T), but cheaper
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)   # (B, H, T, T)
     probs = scores.softmax(dim=-1)                              # each row sums to 1
     return probs @ v, (probs if need_weights else None)         # (B, H, T, d)
 
