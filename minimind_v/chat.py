@@ -197,14 +197,13 @@ def cli_eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="minimind-v eval", description="Exact-match accuracy on a held-out split.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="JSONL conversations; the last turn is the reference reply")
-    p.add_argument("--images", help="image folder (default: beside the JSONL file)")
+    p.add_argument("--images", required=True, help="folder the records' image names are relative to")
     p.add_argument("--limit", type=int, help="score only the first N records")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--show", type=int, default=5, help="print this many examples")
     a = p.parse_args(argv)
     model, tok, _ = load_chat_model(a.checkpoint)
-    images = a.images or str(Path(a.data).parent)
-    res = evaluate(model, tok, a.data, images, a.limit, max_new_tokens=a.max_new_tokens)
+    res = evaluate(model, tok, a.data, a.images, a.limit, max_new_tokens=a.max_new_tokens)
     for paths, q, ref, pred in res["examples"][:a.show]:
         print(f"{', '.join(Path(x).name for x in paths)}  {q!r}  reference {ref!r}  model {pred!r}")
     for qtype, (c, n) in res["by_type"].items():

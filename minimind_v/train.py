@@ -779,13 +779,13 @@ def cli(argv: list[str]) -> int:
         p.error(f"the tokenizer has {len(tok)} pieces, more than the model's vocab_size {cfg.lm.vocab_size}")
     if cfg.image_pad_id != tok.image_pad_id:
         cfg.image_pad_id = tok.image_pad_id
+    rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(tcfg.seed)
     model = MiniMindVLM(cfg)
     if not (tcfg.resume and (Path(a.out) / CHECKPOINT).is_file()):
-        initialise(model, a.init, a.clip)
+        initialise(model, a.init, a.clip, log=print if rank == 0 else (lambda *_: None))
     dataset = VLMDataset(a.data, a.images, tok, max_length=tcfg.max_length, num_patches=cfg.num_patches,
                          image_size=cfg.vision.image_size, skip_bad=a.skip_bad)
-    rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         write_config(a.out, cfg, tcfg.stage, tok_file, init=a.init, clip=a.clip)
     try:
