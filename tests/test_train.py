@@ -319,3 +319,38 @@ def test_feature_cache_gives_the_same_training_and_skips_the_encoder(vlm_data, t
     train(tiny_vlm(tok), sets["sft"], collate, TrainConfig(feature_cache=True, max_steps=1, **cfg),
           tmp_path / "cached", log=quiet, encoder=cached_model.image_features)
     assert calls == []
+
+
+def test_initialise_from_lm_weights_upstream_files_and_a_previous_stage(vlm_data, tmp_path):
+    from minimind_v.checkpoint import upstream_name
+    from minimind_v.train import initialise, write_config
+
+    tok, _ = vlm_data
+    source = tiny_vlm(tok, seed=1)
+    lm_sd = source.lm.state_dict()
+    # our LM's model.pt: the language model only
+    torch.save(lm_sd, tmp_path / "lm.pt")
+    target = tiny_vlm(tok, seed=2)
+    proj_before = {k: v.clone() for k, v in target.vision_proj.state_dict().items()}
+    initialise(target, str(tmp_path / "lm.pt"), log=quiet)
+    assert all(torch.equal(v, target.lm.state_dict()[k]) for k, v in lm_sd.items())
+    assert all(torch.equal(v, target.vision_proj.state_dict()[k]) for k, v in proj_before.items())
+    # an upstream MiniMind-V .pth: upstream LM names + vision_proj.*, no encoder
+    upstream = {upstream_name(k): v for k, v in lm_sd.items()}
+    upstream.update({"vision_proj." + k: v for k, v in source.vision_proj.state_dict().items()})
+    torch.save(upstream, tmp_path / "upstream.pth")
+    target = tiny_vlm(tok, seed=2)
+    initialise(target, str(tmp_path / "upstream.pth"), log=quiet)
+    for k, v in source.trainable_state_dict().items():
+        assert torch.equal(v, target.state_dict()[k]), k
+    # a previous stage's directory: every weight, the encoder included
+    write_config(tmp_path / "stage1", source.cfg, "pretrain", tok.model_file)
+    torch.save(source.state_dict(), tmp_path / "stage1" / WEIGHTS)
+    target = tiny_vlm(tok, seed=2)
+    initialise(target, str(tmp_path / "stage1"), log=quiet)
+    for k, v in source.state_dict().items():
+        assert torch.equal(v, target.state_dict()[k]), k
+    # a file that fits nothing names the problem
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="foo.weight"):
+        initialise(tiny_vlm(tok), str(tmp_path / "bad.pt"), log=quiet)
