@@ -14,7 +14,8 @@ Masks: the causal mask lets the query at absolute position p see keys 0..p. With
 holding `past` earlier tokens, the T new queries sit at positions past..past+T-1, so the
 mask is `tril(ones(T, past+T), diagonal=past)`. An optional padding mask (B, S) hides pad keys.
 The softmax runs in float32. `attn_impl="sdpa"` swaps the matmul-softmax-matmul for
-`F.scaled_dot_product_attention` with the same mask (tests prove both equal).
+`F.scaled_dot_product_attention` with the same mask (tests prove both equal); without padding
+the model passes mask=None ("just causal"), which lets the fused kernel skip the masked half.
 """
 from __future__ import annotations
 
@@ -98,13 +99,28 @@ def build_mask(T: int, S: int, attention_mask: torch.Tensor | None, device=None)
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
            dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Hand-written attention. q (B, H, T, hd), k/v (B, H, S, hd), mask bool (.., T, S) -> (B, H, T, hd)."""
-    softmax_dtype = torch.promote_types(q.dtype, torch.float32)             # >= float32 (float64 stays)
-    scores = ((q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)).to(softmax_dtype)   # (B, H, T, S)
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)       # (B, H, T, S)
     # A large finite negative (not -inf) keeps rows that see no key at all (left pads) NaN-free.
-    scores = scores.masked_fill(~mask, torch.finfo(softmax_dtype).min)
-    probs = scores.softmax(dim=-1).to(q.dtype)                            # (B, H, T, S)
+    # In place: the matmul's backward needs q and k, not the scores, so overwriting them is safe.
+    scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    # softmax in at least float32 (bf16 scores are upcast inside the kernel; float64 stays float64)
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     probs = F.dropout(probs, p=dropout_p, training=training)
     return probs @ v                                                       # (B, H, T, hd)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         dropout_p: float = 0.0) -> torch.Tensor:
+    """The same through F.scaled_dot_product_attention. mask None = plain causal: then the fused
+    kernel can skip the masked half itself (is_causal) instead of reading a (T, S) mask."""
+    T, S = q.shape[-2], k.shape[-2]
+    if mask is None and T == S:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if mask is None and T == 1:               # one new token sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if mask is None:                          # a chunk after a cache: is_causal would align top-left
+        mask = causal_mask(T, S, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
@@ -121,10 +137,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, D); cos/sin (T, hd) for these tokens' positions; mask bool (B or 1, 1, T, S)
-        from `build_mask` (built once per forward by the model, shared by all layers)."""
+        from `build_mask` (built once per forward by the model, shared by all layers), or None
+        for the plain causal mask (no padding)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd)    # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd)       # (B, T, H_kv, hd)
@@ -137,8 +154,10 @@ class Attention(nn.Module):
         v = repeat_kv(v, self.n_rep).transpose(1, 2)
         p = self.dropout if self.training else 0.0
         if self.impl == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            out = sdpa(q, k, v, mask, p)
         else:
+            if mask is None:
+                mask = causal_mask(T, k.shape[2], x.device)                # (T, S)
             out = attend(q, k, v, mask, p, self.training)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)   # (B, T, H*hd)
         return self.resid_dropout(self.o_proj(out))

@@ -81,7 +81,8 @@ class MiniMindLM(nn.Module):
                              f"max_seq_len={self.cfg.max_seq_len}")
         cos = self.rope_cos[past:past + T].to(h.dtype)                 # (T, hd)
         sin = self.rope_sin[past:past + T].to(h.dtype)
-        mask = build_mask(T, past + T, attention_mask, h.device)       # (B|1, 1, T, S)
+        # (B, 1, T, S) with padding; None = plain causal (each layer builds/uses it as it prefers)
+        mask = None if attention_mask is None else build_mask(T, past + T, attention_mask, h.device)
         h = self.dropout(h)
         for block in self.layers:
             h = block(h, cos, sin, mask, kv_cache)

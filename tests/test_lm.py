@@ -79,15 +79,16 @@ def test_default_model_has_25_829_888_parameters_like_llama():
     assert sum(p.numel() for p in hf.parameters()) == 25_829_888
 
 
-def test_cached_decoding_equals_full_forward_at_every_step():
-    cfg = LMConfig(**TINY)
+@pytest.mark.parametrize("impl", ["manual", "sdpa"])
+def test_cached_decoding_equals_full_forward_at_every_step(impl):
+    cfg = LMConfig(**TINY, attn_impl=impl)
     torch.manual_seed(0)
     model = MiniMindLM(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (3, 30))
     with torch.no_grad():
         full = model(ids)
         cache = KVCache()
-        steps = [model(ids[:, :12], kv_cache=cache)]
+        steps = [model(ids[:, :8], kv_cache=cache), model(ids[:, 8:12], kv_cache=cache)]   # a chunk after a cache
         for t in range(12, 30):
             steps.append(model(ids[:, t:t + 1], kv_cache=cache))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
