@@ -5,7 +5,7 @@ the same run: the plainest torch ops that allocate and move the same bytes as th
     forward          reads x, writes a new y              floor: x.clone()
     forward+backward + reads grad_y and x, writes new dx  floor: x.clone() and torch.add(grad_y, x)
 (the weight, rstd and dw are one value per column or row: negligible). Prints milliseconds
-(best of the repeats) and the ratios  eager / fused,  F.rms_norm / fused,  fused / floor.
+(best of the repeats, timed round-robin) and the ratios  eager / fused,  F.rms_norm / fused,  fused / floor.
 
     python benchmarks/bench_rmsnorm.py                  # all shapes, float32 and bfloat16
     python benchmarks/bench_rmsnorm.py --shapes 5120x512 --dtypes float32 --repeats 20
@@ -31,21 +31,24 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timeit(fn, repeats: int, device: str, warmup: int = 2) -> float:
-    """Best (minimum) wall time of fn() in milliseconds, after `warmup` calls.
+def best_times(fns: dict, repeats: int, device: str, warmup: int) -> dict:
+    """Best (minimum) wall time in ms of each fn, timed round-robin: one call of each per round.
 
-    The minimum, not the mean: on a machine shared with other work, the noise only ever adds time.
+    The minimum, because on a machine shared with other work the noise only ever adds time; and
+    round-robin, so that a burst of other work hits every contender alike.
     """
-    for _ in range(warmup):
-        fn()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+    return best
 
 
 def impls(D):
@@ -57,24 +60,26 @@ def impls(D):
 
 
 def bench_one(N, D, dtype, device, repeats, warmup):
+    """-> {(name, pass): ms} for name in floor/eager/F.rms_norm/fused, pass in fwd/fwd+bwd."""
     x = torch.randn(N, D, device=device, dtype=dtype)
     w = (torch.rand(D, device=device) + 0.5).to(dtype)
     gy = torch.randn(N, D, device=device, dtype=dtype)
+    xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
     # the floor: the plainest torch ops that allocate and move the same bytes as each pass
-    floor_fwd = timeit(lambda: x.clone(), repeats, device, warmup)                        # read x, write y
-    floor_fwd_bwd = timeit(lambda: (x.clone(), torch.add(gy, x)), repeats, device, warmup)  # + read g, x, write dx
-    rows = {}
+    fns = {("floor", "fwd"): lambda: x.clone(),                                  # read x, write y
+           ("floor", "fwd+bwd"): lambda: (x.clone(), torch.add(gy, x))}          # + read g, x, write dx
     for name, f in impls(D).items():
-        with torch.no_grad():
-            fwd = timeit(lambda: f(x, w), repeats, device, warmup)
-        xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        def fwd(f=f):
+            with torch.no_grad():
+                f(x, w)
 
-        def fwd_bwd():
+        def fwd_bwd(f=f):
             xg.grad = wg.grad = None
             f(xg, wg).backward(gy)
 
-        rows[name] = (fwd, timeit(fwd_bwd, repeats, device, warmup))
-    return (floor_fwd, floor_fwd_bwd), rows
+        fns[(name, "fwd")] = fwd
+        fns[(name, "fwd+bwd")] = fwd_bwd
+    return best_times(fns, repeats, device, warmup)
 
 
 def main(argv=None) -> int:
@@ -98,11 +103,11 @@ def main(argv=None) -> int:
             # the big shape is slow on a CPU: fewer repeats there
             big = N * D > 4_000_000 and a.device == "cpu"
             reps, warmup = (3, 1) if big else (a.repeats, 2)
-            floors, rows = bench_one(N, D, dtype, a.device, reps, warmup)
-            for i, (pass_name, floor) in enumerate(zip(("fwd", "fwd+bwd"), floors)):
-                e, fr, fu = rows["eager"][i], rows["F.rms_norm"][i], rows["fused"][i]
-                print(f"{shape:>12} {dt:>9} {pass_name:>8} | {e:8.2f} {fr:8.2f} {fu:8.2f} {floor:8.2f} "
-                      f"| {e / fu:11.2f} {fr / fu:8.2f} {fu / floor:11.2f}")
+            t = bench_one(N, D, dtype, a.device, reps, warmup)
+            for pass_name in ("fwd", "fwd+bwd"):
+                e, fr, fu, fl = (t[(name, pass_name)] for name in ("eager", "F.rms_norm", "fused", "floor"))
+                print(f"{shape:>12} {dt:>9} {pass_name:>8} | {e:8.2f} {fr:8.2f} {fu:8.2f} {fl:8.2f} "
+                      f"| {e / fu:11.2f} {fr / fu:8.2f} {fu / fl:11.2f}")
             sys.stdout.flush()
     return 0
 

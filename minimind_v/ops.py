@@ -32,6 +32,7 @@ import hashlib
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -144,10 +145,21 @@ def _check_toolchain(with_cuda: bool) -> None:
 def build(verbose: bool = False) -> Path:
     """Compile (or reuse from the cache) the kernels and load them into this process.
 
-    Returns the build folder. The folder name is a hash of everything that changes the binary.
+    Returns the build folder. With a CUDA torch and nvcc the CUDA kernels are built too; if that
+    build fails, a warning says why and the CPU kernels are built alone, so the op stays usable.
+    Set MINIMIND_V_KERNELS_CPU_ONLY=1 to skip the CUDA build.
     """
+    if _want_cuda() and os.environ.get("MINIMIND_V_KERNELS_CPU_ONLY", "0") != "1":
+        try:
+            return _build(with_cuda=True, verbose=verbose)
+        except (RuntimeError, OSError) as e:   # compile or dlopen failed: nothing was registered
+            warnings.warn(f"minimind_v.ops: the CUDA kernels did not build ({e}); using the CPU kernels only")
+    return _build(with_cuda=False, verbose=verbose)
+
+
+def _build(with_cuda: bool, verbose: bool) -> Path:
+    """The folder name is a hash of everything that changes the binary."""
     cpp_ext = torch.utils.cpp_extension
-    with_cuda = _want_cuda()
     sources = [CPP_SOURCE] + ([CUDA_SOURCE] if with_cuda else [])
     for src in sources:
         if not src.is_file():
@@ -163,7 +175,7 @@ def build(verbose: bool = False) -> Path:
     build_dir = _cache_root() / key.hexdigest()[:16]
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_ext.load(
-        name="minimind_rmsnorm",
+        name="minimind_rmsnorm_cuda" if with_cuda else "minimind_rmsnorm",
         sources=[str(s) for s in sources],
         extra_cflags=cflags,
         extra_cuda_cflags=cuda_flags,
