@@ -1,0 +1,97 @@
+"""Generation with the KV cache vs recomputing the whole sequence every step, in one run.
+
+The real-size model (random weights), a 512-token prompt, 256 new tokens, greedy. With the
+cache, each step runs one token through the model and reads the cached keys/values; without
+it (`generate_without_cache`), step n runs all 512+n tokens again. Both must produce the
+same tokens (checked). Also prints transformers' LlamaForCausalLM.generate (its own cache)
+with the same weights as a peer.
+
+    python benchmarks/bench_generate.py                    # CPU, ~2-3 minutes on 2 cores
+    python benchmarks/bench_generate.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from minimind_v.checkpoint import load_upstream
+from minimind_v.config import LMConfig
+from minimind_v.generate import generate, generate_without_cache
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of the cached runs (median)")
+    ap.add_argument("--nocache-repeats", type=int, default=1, help="repeats of the slow baseline")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = LMConfig()
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+          f"prompt {args.prompt}, new {args.new}, greedy")
+    torch.manual_seed(0)
+    hf = None
+    if not args.no_hf:
+        import transformers
+        hcfg = transformers.LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+            max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=True)
+        hf = transformers.LlamaForCausalLM(hcfg).eval().to(device)
+        model = load_upstream(hf.state_dict(), cfg).eval().to(device)
+    else:
+        from minimind_v.lm import MiniMindLM
+        model = MiniMindLM(cfg).eval().to(device)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=device)
+
+    generate(model, prompt[:, :16], 4)                                      # warmup
+    cached = []
+    for _ in range(args.repeats):
+        t, out = timed(lambda: generate(model, prompt, args.new), device)
+        cached.append(t)
+    nocache = []
+    for _ in range(args.nocache_repeats):
+        t, ref = timed(lambda: generate_without_cache(model, prompt, args.new), device)
+        nocache.append(t)
+    same = torch.equal(out, ref)
+    rows = [("ours, KV cache", cached), ("ours, no cache", nocache)]
+    if hf is not None:
+        hf_times = []
+        with torch.no_grad():
+            for _ in range(args.repeats):
+                t, hout = timed(lambda: hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
+                                                    do_sample=False, pad_token_id=0), device)
+                hf_times.append(t)
+        rows.append(("hf generate", hf_times))
+        print(f"hf tokens equal ours: {torch.equal(hout, out)}")
+    print(f"cached tokens == no-cache tokens: {same}")
+    base = statistics.median(cached)
+    print(f"{'run':<16} {'s':>8} {'new tok/s':>10} {'time vs cache':>14}   (all, s)")
+    for name, ts in rows:
+        med = statistics.median(ts)
+        print(f"{name:<16} {med:8.2f} {args.new / med:10.1f} {med / base:13.2f}x   " + " ".join(f"{t:.2f}" for t in ts))
+    print(f"speedup of the KV cache: {statistics.median(nocache) / base:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
