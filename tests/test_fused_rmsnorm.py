@@ -209,8 +209,18 @@ def test_bad_input_errors_name_the_problem():
         ops.fused_rms_norm(torch.randn(3, 8), torch.ones(7))
     with pytest.raises(RuntimeError, match="must be float32, float64, bfloat16 or float16"):
         ops.fused_rms_norm(torch.ones(3, 8, dtype=torch.int32), torch.ones(8, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="unsupported dtype pair"):
+        ops.fused_rms_norm(torch.randn(3, 8, dtype=torch.float16), torch.ones(8, dtype=torch.float64))
     # and a good call right after works
     assert ops.fused_rms_norm(torch.randn(3, 8), torch.ones(8)).shape == (3, 8)
+
+
+def test_missing_compiler_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(RuntimeError, match="no-such-compiler-xyz.*is not on PATH.*norm_impl='eager'"):
+        ops._check_toolchain(with_cuda=False)
+    monkeypatch.undo()
+    ops._check_toolchain(with_cuda=False)   # the real toolchain (it built the op) passes
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
