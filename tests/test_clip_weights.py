@@ -7,7 +7,6 @@ dict, Hugging Face `model.safetensors` and `pytorch_model.bin`, and our converte
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import struct
@@ -18,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minimind_v import clip_weights, safetensors_io
+from minimind_v import safetensors_io
 from minimind_v.clip_weights import CLIPWeightsError, load_clip_vision
 
 transformers = pytest.importorskip("transformers")
@@ -276,7 +275,8 @@ def test_code_in_pickles_is_refused_and_never_run(tmp_path):
     with pytest.raises(CLIPWeightsError, match=r"evil_plain.pt.*refused"):
         load_clip_vision(tmp_path / "evil_plain.pt")
     # 3. builtins.eval through a TorchScript-looking pickle
-    evil_eval = b"\x80\x02cbuiltins\neval\nX\x1a\x00\x00\x00open('" + b"x" * 0 + b"/dev/null','w') or 1q\x00\x85R."
+    payload = f"open({str(marker)!r}, 'w')".encode()          # GLOBAL builtins.eval, (payload,), REDUCE
+    evil_eval = b"\x80\x02cbuiltins\neval\nX" + struct.pack("<I", len(payload)) + payload + b"\x85R."
     with zipfile.ZipFile(tmp_path / "evil_eval.pt", "w") as z:
         z.writestr("archive/data.pkl", evil_eval)
         z.writestr("archive/code/__torch__.py", "")
