@@ -79,7 +79,8 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, need_weights: bool = False):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)   # (B, T, 3, H, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                       # each (B, H, T, d)
+        # one copy into head-major layout, so the matmuls below need no hidden copies of their own
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)          # each (B, H, T, d)
         if self.attn_impl == "sdpa" and not need_weights:
             out, probs = F.scaled_dot_product_attention(q, k, v), None       # opt-in fast path
         else:
