@@ -35,10 +35,10 @@ from .config import LMConfig, VisionConfig, VLMConfig
 from .train import TrainConfig, train, write_config
 
 # the demo's settings; --quick shrinks them to run in seconds (a smoke test, not a good model)
-FULL = dict(n_train=4000, n_test=500, pretrain_steps=60, sft_steps=240, batch_size=64, lr=2e-3,
-            hidden=128, layers=4, vision_hidden=128, vision_layers=2)
+FULL = dict(n_train=4000, n_test=500, pretrain_steps=120, sft_steps=800, batch_size=64, lr=2e-3,
+            hidden=128, layers=4, vision_hidden=128, vision_layers=2, embed_std=0.1, proj_scale=1.0)
 QUICK = dict(n_train=96, n_test=24, pretrain_steps=4, sft_steps=12, batch_size=16, lr=2e-3,
-             hidden=32, layers=2, vision_hidden=32, vision_layers=1)
+             hidden=32, layers=2, vision_hidden=32, vision_layers=1, embed_std=0.1, proj_scale=1.0)
 
 
 def demo_config(vocab_size: int, image_pad_id: int, s: dict) -> VLMConfig:
@@ -110,6 +110,15 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
     cfg = demo_config(len(tok), tok.image_pad_id, s)
     torch.manual_seed(seed)
     model = MiniMindVLM(cfg)
+    with torch.no_grad():
+        # The output layer is the embedding matrix (tied). At the usual std 0.02 its rows have norm
+        # 0.02 * sqrt(128) = 0.23, and the final RMSNorm gives h a norm of sqrt(128) = 11.3, so no
+        # logit can exceed 11.3 * 0.23 = 2.6: over 600+ pieces the model cannot be confident. The real
+        # model starts from a trained LM whose embeddings are far larger; starting from scratch, and
+        # with the embeddings frozen during pretraining, we draw them larger instead.
+        model.lm.embed_tokens.weight.normal_(0.0, s["embed_std"])
+        for p in model.vision_proj.parameters():
+            p.mul_(s["proj_scale"])
     n_lm = sum(p.numel() for p in model.lm.parameters())
     n_all = sum(p.numel() for p in model.parameters())
     log(f"      model: {n_all:,} parameters ({n_lm:,} language model, "
