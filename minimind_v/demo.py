@@ -10,7 +10,8 @@ everywhere else):
   initialisation. A frozen random ViT is a fixed random feature map: each patch vector still
   tells apart the colours and shapes drawn in its cell, and the projector learns to read it.
   Because it never changes, its features are computed once (the feature cache);
-- language model: hidden 128, 4 layers, 4 query heads sharing 2 key/value heads.
+- language model: hidden 128, 2 layers, 4 query heads sharing 2 key/value heads, and embeddings
+  drawn larger than usual (see `run`).
 
 Two stages, as MiniMind2-V: a short pretraining on captions (projector + last LM block learn),
 then SFT on the questions (LM + projector learn). The question comes before `<image>` in every
@@ -35,8 +36,8 @@ from .config import LMConfig, VisionConfig, VLMConfig
 from .train import TrainConfig, train, write_config
 
 # the demo's settings; --quick shrinks them to run in seconds (a smoke test, not a good model)
-FULL = dict(n_train=4000, n_test=500, pretrain_steps=120, sft_steps=800, batch_size=64, lr=2e-3,
-            hidden=128, layers=4, vision_hidden=128, vision_layers=2, embed_std=0.1, proj_scale=1.0)
+FULL = dict(n_train=8000, n_test=500, pretrain_steps=120, sft_steps=3000, batch_size=64, lr=2e-3,
+            hidden=128, layers=2, vision_hidden=128, vision_layers=2, embed_std=0.1, proj_scale=1.0)
 QUICK = dict(n_train=96, n_test=24, pretrain_steps=4, sft_steps=12, batch_size=16, lr=2e-3,
              hidden=32, layers=2, vision_hidden=32, vision_layers=1, embed_std=0.1, proj_scale=1.0)
 
@@ -126,7 +127,7 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
     datasets = {split: VLMDataset(data / f"{split}_train.jsonl", data / "images", tok, max_length=128,
                                   num_patches=cfg.num_patches, image_size=48) for split in ("pretrain", "sft")}
     common = dict(batch_size=s["batch_size"], lr=s["lr"], epochs=10 ** 6, warmup_steps=0, feature_cache=True,
-                  cache_dir=str(out / "feature_cache"), log_every=10 if not quick else 4, seed=seed)
+                  cache_dir=str(out / "feature_cache"), log_every=100 if not quick else 4, seed=seed)
     stages = {}
     for i, (stage, steps) in enumerate((("pretrain", s["pretrain_steps"]), ("sft", s["sft_steps"])), start=3):
         ckpt = out / stage
