@@ -21,7 +21,7 @@ What to expect: the SFT loss first drops to a plateau around 0.8 (the answer's f
 from the question alone), sits there for a few hundred steps, then falls as the model starts to
 read the picture. The run prints a progress line per interval, the held-out exact-match accuracy
 per question type and a few examples, and saves a picture grid of test images with questions and
-answers. With a single thread the whole run takes about 8 minutes on a small CPU.
+answers. With a single thread the whole run takes about 9 to 10 minutes on a small 2-core CPU.
 """
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ from .config import LMConfig, VisionConfig, VLMConfig
 from .train import TrainConfig, train, write_config
 
 # the demo's settings; --quick shrinks them to run in seconds (a smoke test, not a good model)
-FULL = dict(n_train=8000, n_test=500, pretrain_steps=120, sft_steps=3000, batch_size=64, lr=2e-3,
-            hidden=128, layers=2, vision_hidden=128, vision_layers=2, embed_std=0.1, proj_scale=1.0)
+FULL = dict(n_train=8000, n_test=500, pretrain_steps=120, sft_steps=4000, batch_size=64, lr=2e-3,
+            hidden=128, layers=2, vision_hidden=128, vision_layers=2, embed_std=0.1, proj_scale=1.0,
+            pos_scale=6.0)
 QUICK = dict(n_train=96, n_test=24, pretrain_steps=4, sft_steps=12, batch_size=16, lr=2e-3,
-             hidden=32, layers=2, vision_hidden=32, vision_layers=1, embed_std=0.1, proj_scale=1.0)
+             hidden=32, layers=2, vision_hidden=32, vision_layers=1, embed_std=0.1, proj_scale=1.0,
+             pos_scale=6.0)
 
 
 def demo_config(vocab_size: int, image_pad_id: int, s: dict) -> VLMConfig:
@@ -122,6 +124,12 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
         model.lm.embed_tokens.weight.normal_(0.0, s["embed_std"])
         for p in model.vision_proj.parameters():
             p.mul_(s["proj_scale"])
+        # The random ViT's position embeddings (std D^-0.5 = 0.09) are ~6x weaker than the content
+        # its patch convolution writes (~0.6), so a patch vector barely says where it sits, and
+        # "What is at the bottom left?" has little to go on. A trained CLIP has learned strong
+        # ones; our frozen random encoder gets them scaled up instead (x6: held-out accuracy at
+        # 3000 steps went from 85% to 88%, the position questions from 78% to 87%).
+        model.vision_encoder.position_embedding.mul_(s["pos_scale"])
     n_lm = sum(p.numel() for p in model.lm.parameters())
     n_all = sum(p.numel() for p in model.parameters())
     log(f"      model: {n_all:,} parameters ({n_lm:,} language model, "
