@@ -15,7 +15,8 @@ holding `past` earlier tokens, the T new queries sit at positions past..past+T-1
 mask is `tril(ones(T, past+T), diagonal=past)`. An optional padding mask (B, S) hides pad keys.
 The softmax runs in float32. `attn_impl="sdpa"` swaps the matmul-softmax-matmul for
 `F.scaled_dot_product_attention` with the same mask (tests prove both equal); without padding
-the model passes mask=None ("just causal"), which lets the fused kernel skip the masked half.
+the model passes mask=None ("just causal"): then the hand-written path goes block by block
+(`causal_attend_blocked`) and the fused kernel (is_causal) likewise skips the masked half.
 """
 from __future__ import annotations
 
@@ -109,6 +110,33 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return probs @ v                                                       # (B, H, T, hd)
 
 
+def causal_attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 128,
+                          dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Plain causal attention (T == S, no padding) that never computes the masked half.
+
+    Queries go in blocks of `block` rows. Block [a, b) may only see keys [0, b): every score to
+    the right of b would be masked, so it is simply not computed. Only the square diagonal block
+    (queries [a, b) x keys [a, b)) needs the triangular mask. For T = 640 and block = 128 this
+    computes 60% of the T x T scores, and each block's softmax and its backward touch 5x less
+    memory at a time. Same result as `attend(q, k, v, causal_mask(T, T))`; the idea is the one
+    fused kernels (flash attention) use to skip masked tiles.
+    q, k, v (B, H, T, hd) -> (B, H, T, hd).
+    """
+    T = q.shape[-2]
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    tri = causal_mask(block, block, q.device)                             # (block, block)
+    neg = torch.finfo(q.dtype).min                                         # scores have q's dtype
+    outs = []
+    for a in range(0, T, block):
+        b = min(a + block, T)
+        scores = q[:, :, a:b] @ k[:, :, :b].transpose(-2, -1)             # (B, H, b-a, b)
+        scores[..., a:].masked_fill_(~tri[:b - a, :b - a], neg)          # diagonal block only
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+        probs = F.dropout(probs, p=dropout_p, training=training)
+        outs.append(probs @ v[:, :, :b])                                  # (B, H, b-a, hd)
+    return torch.cat(outs, dim=2)                                          # (B, H, T, hd)
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
          dropout_p: float = 0.0) -> torch.Tensor:
     """The same through F.scaled_dot_product_attention. mask None = plain causal: then the fused
@@ -156,8 +184,11 @@ class Attention(nn.Module):
         if self.impl == "sdpa":
             out = sdpa(q, k, v, mask, p)
         else:
-            if mask is None:
-                mask = causal_mask(T, k.shape[2], x.device)                # (T, S)
-            out = attend(q, k, v, mask, p, self.training)
+            if mask is None and T == k.shape[2]:                         # plain causal, no cache
+                out = causal_attend_blocked(q, k, v, dropout_p=p, training=self.training)
+            else:
+                if mask is None:                                         # new tokens after a cache
+                    mask = causal_mask(T, k.shape[2], x.device)            # (T, S)
+                out = attend(q, k, v, mask, p, self.training)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)   # (B, T, H*hd)
         return self.resid_dropout(self.o_proj(out))

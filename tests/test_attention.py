@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimind_v.attention import Attention, KVCache, attend, build_mask, causal_mask, repeat_kv
+from minimind_v.attention import (Attention, KVCache, attend, build_mask, causal_attend_blocked, causal_mask,
+                                  repeat_kv)
 from minimind_v.config import LMConfig
 from minimind_v.rope import apply_rope, rope_tables
 
@@ -66,6 +67,43 @@ def test_attend_matches_sdpa():
     mask = causal_mask(6, 6)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(attend(q, k, v, mask), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("T,block", [(640, 128), (300, 128), (37, 8), (5, 16), (64, 64)])
+def test_blocked_causal_equals_full_mask_with_grads(T, block):
+    # T a multiple of the block, a ragged last block, T shorter than one block, exactly one block
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = causal_attend_blocked(q, k, v, block=block)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert a.abs().max() > 1e-3
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_blocked_causal_bf16_close_to_float32():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 200, 16, generator=g) for _ in range(3))
+    ref = causal_attend_blocked(q, k, v, block=64)
+    out = causal_attend_blocked(q.bfloat16(), k.bfloat16(), v.bfloat16(), block=64)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_manual_layer_uses_blocked_path_when_plain_causal(monkeypatch):
+    import minimind_v.attention as A
+    calls = []
+    real = A.causal_attend_blocked
+    monkeypatch.setattr(A, "causal_attend_blocked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    attn = _attention("manual")
+    x = torch.randn(2, 11, 64, dtype=torch.float64)
+    out = attn(x, *_tables(11), None)
+    torch.testing.assert_close(out, _reference(attn, x, causal_mask(11, 11)), rtol=1e-10, atol=1e-10)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("impl", ["manual", "sdpa"])
