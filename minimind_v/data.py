@@ -154,7 +154,7 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __init__(self, jsonl_path, image_root, tokenizer, max_length: int, num_patches: int = 196,
                  image_size: int = 224, skip_bad: bool = False, check_images: bool = True,
-                 load_pixels: bool = True):
+                 load_pixels: bool = True, keep_encoded: bool = False):
         self.path = Path(jsonl_path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.tokenizer = tokenizer
@@ -162,6 +162,9 @@ class VLMDataset(torch.utils.data.Dataset):
         self.num_patches = num_patches
         self.image_size = image_size
         self.load_pixels = load_pixels    # False: items carry image_paths only (vision features cached elsewhere)
+        # True: keep each sample's token ids after its first encoding, for a small dataset seen for
+        # many epochs (the demo's); a large one would hold them all in memory, so it is opt-in
+        self.encoded: dict[int, tuple] | None = {} if keep_encoded else None
         self.samples: list[tuple[int, list[dict], list[Path]]] = []    # (line, messages, images)
         self.skipped: Counter = Counter()                              # reason -> records skipped
         self.bad_lines: list[str] = []                                 # their messages
@@ -202,7 +205,12 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         lineno, messages, images = self.samples[i]
-        ids, labels, n_images = encode_sample(self.tokenizer, messages, self.max_length, self.num_patches)
+        if self.encoded is not None and i in self.encoded:
+            ids, labels, n_images = self.encoded[i]
+        else:
+            ids, labels, n_images = encode_sample(self.tokenizer, messages, self.max_length, self.num_patches)
+            if self.encoded is not None:
+                self.encoded[i] = (ids, labels, n_images)
         images = images[:n_images]
         item = {"input_ids": torch.tensor(ids, dtype=torch.long),      # (T,)
                 "labels": torch.tensor(labels, dtype=torch.long),      # (T,)

@@ -134,7 +134,7 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
     n_all = sum(p.numel() for p in model.parameters())
     log(f"      model: {n_all:,} parameters ({n_lm:,} language model, "
         f"{sum(p.numel() for p in model.vision_encoder.parameters()):,} frozen vision encoder)")
-    datasets = {split: VLMDataset(data / f"{split}_train.jsonl", data / "images", tok, max_length=128,
+    datasets = {split: VLMDataset(data / f"{split}_train.jsonl", data / "images", tok, max_length=128, keep_encoded=True,
                                   num_patches=cfg.num_patches, image_size=48) for split in ("pretrain", "sft")}
     common = dict(batch_size=s["batch_size"], lr=s["lr"], epochs=10 ** 6, warmup_steps=0, feature_cache=True,
                   cache_dir=str(out / "feature_cache"), log_every=100 if not quick else 4, seed=seed)

@@ -68,11 +68,16 @@ class MiniMindLM(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward_embeds(self, h: torch.Tensor, kv_cache: KVCache | None = None,
-                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attention_mask: torch.Tensor | None = None,
+                       logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Run the blocks on token vectors h (B, T, D) -> logits (B, T, V).
 
         With a cache holding `past` tokens, h are the next T tokens (positions past..past+T-1).
         attention_mask (B, past+T): 1 = real token, 0 = padding (e.g. left-padded prompts).
+        logits_at (B, T) bool: compute logits only where True and return them as (K, V), K = the
+        number of True entries in row-major order. Training needs logits only where a label is
+        taken (the answer tokens of SFT: a few of every row), and the head (D x V) is one of the
+        biggest matrices, so this skips most of its work.
         """
         B, T, _ = h.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -86,12 +91,15 @@ class MiniMindLM(nn.Module):
         h = self.dropout(h)
         for block in self.layers:
             h = block(h, cos, sin, mask, kv_cache)
-        return self.lm_head(self.norm(h))                               # (B, T, V)
+        if logits_at is not None:
+            h = h[logits_at]                                            # (K, D)
+        return self.lm_head(self.norm(h))                               # (B, T, V) or (K, V)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V)."""
-        return self.forward_embeds(self.embed(input_ids), kv_cache, attention_mask)
+                attention_mask: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V) (or (K, V) with `logits_at`, see `forward_embeds`)."""
+        return self.forward_embeds(self.embed(input_ids), kv_cache, attention_mask, logits_at)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -103,6 +111,18 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
     shift_labels = labels[:, 1:]                         # (B, T-1)
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                            shift_labels.reshape(-1), ignore_index=ignore_index)
+
+
+def loss_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions `lm_loss` counts, for `forward(..., logits_at=...)`.
+
+    labels (B, T) -> (logits_at (B, T) bool: position t is kept when labels[t+1] is a target,
+    targets (K,): those labels in the same row-major order). Then
+    `F.cross_entropy(model(ids, logits_at=logits_at), targets)` equals `lm_loss(model(ids), labels)`.
+    """
+    counted = labels[:, 1:] != ignore_index                          # (B, T-1)
+    logits_at = F.pad(counted, (0, 1))                               # (B, T): the last position predicts nothing
+    return logits_at, labels[:, 1:][counted]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -7,6 +7,7 @@ One optimizer step, read top to bottom in `train()`:
 
     for each of `accum_steps` micro-batches:            # gradient accumulation
         logits = model(input_ids, pixels | cached features)        # autocast: bf16 / fp16 / fp32
+                 (only at the positions that predict a label: the rest would be thrown away)
         loss = cross-entropy on the assistant tokens only (labels -100 elsewhere) / accum_steps
         loss.backward()                                  # DDP averages gradients across ranks here
     grad_norm = clip_grad_norm_(trainable params, grad_clip)
@@ -46,12 +47,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import atomic_save, load_state_dict
-from .lm import lm_loss
+from .lm import loss_positions
 
 CHECKPOINT = "checkpoint.pt"      # full training state, for resuming
 WEIGHTS = "model.pt"              # final weights only, for chat and the next stage
@@ -318,8 +320,10 @@ def forward_loss(model, batch: dict, device: torch.device, cache: FeatureCache |
         kwargs["image_features"] = cache.lookup(batch["image_paths"]).to(device)   # (B, N, P, Dv)
     elif batch.get("pixel_values") is not None:
         kwargs["pixel_values"] = batch["pixel_values"].to(device)                  # (B, N, 3, S, S)
-    logits = model(input_ids, **kwargs)                # (B, T, V)
-    return lm_loss(logits, labels), input_ids.numel()
+    # logits only where a label is taken (the same loss as lm_loss on all logits, less work)
+    logits_at, targets = loss_positions(labels)        # (B, T) bool, (K,)
+    logits = model(input_ids, logits_at=logits_at, **kwargs)    # (K, V)
+    return F.cross_entropy(logits.float(), targets), input_ids.numel()
 
 
 # ----------------------------------------------------------------------------- checkpoints

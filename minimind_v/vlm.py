@@ -115,13 +115,14 @@ class MiniMindVLM(nn.Module):
     # -- the forward pass ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 kv_cache=None, attention_mask: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None) -> torch.Tensor:
+                image_features: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V).
 
         Images, given as pixel_values (B, N, 3, S, S) (or (B, 3, S, S) for one each) or as the
         encoder's image_features (B, N, P, Dv) (e.g. from a cache), are spliced in at prefill:
         the n-th run of `image_ids` in row b becomes image (b, n). A decode step (the cache already
-        holds tokens) takes text only.
+        holds tokens) takes text only. `logits_at` (B, T) bool: logits at those positions only, (K, V).
         """
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass pixel_values or image_features, not both")
@@ -138,4 +139,4 @@ class MiniMindVLM(nn.Module):
                                  f"{(pixel_values if pixel_values is not None else image_features).shape[0]}")
             vectors = self.image_embeds(pixel_values, image_features)   # (B, N, P, D)
             h = splice(input_ids, h, vectors, self.image_ids)           # (B, T, D)
-        return self.lm.forward_embeds(h, kv_cache, attention_mask)      # (B, T, V)
+        return self.lm.forward_embeds(h, kv_cache, attention_mask, logits_at)   # (B, T, V) or (K, V)

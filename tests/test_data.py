@@ -246,3 +246,20 @@ def test_load_pixels_off(shapes, tok):
     for key in ("input_ids", "labels", "attention_mask", "image_counts"):
         assert torch.equal(without[key], with_pixels[key])
     assert without["image_paths"] == with_pixels["image_paths"]
+
+
+def test_keep_encoded_gives_the_same_items_and_encodes_once(shapes, tok, monkeypatch):
+    import minimind_v.data as D
+    plain = VLMDataset(shapes / "sft_train.jsonl", shapes / "images", tok, 256, num_patches=9, image_size=48,
+                       load_pixels=False)
+    kept = VLMDataset(shapes / "sft_train.jsonl", shapes / "images", tok, 256, num_patches=9, image_size=48,
+                      load_pixels=False, keep_encoded=True)
+    calls = []
+    real = D.encode_sample
+    monkeypatch.setattr(D, "encode_sample", lambda *a: calls.append(1) or real(*a))
+    for _ in range(2):                                   # two epochs
+        for i in range(len(kept)):
+            a, b = plain[i], kept[i]
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+            assert a["image_paths"] == b["image_paths"]
+    assert len(calls) == 2 * len(plain) + len(kept)      # plain encodes every time, kept only once

@@ -117,3 +117,26 @@ def test_tied_embeddings_share_storage_and_train():
     ids = torch.randint(0, 101, (2, 8))
     lm_loss(model(ids), ids).backward()
     assert model.embed_tokens.weight.grad is not None and model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_logits_at_label_positions_gives_the_same_loss_and_grads():
+    from minimind_v.lm import loss_positions
+    torch.manual_seed(0)
+    model = MiniMindLM(LMConfig(**TINY)).double()
+    ids = torch.randint(0, 101, (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:9] = ids[0, 5:9]            # answer tokens in the middle of a row
+    labels[1, 10:] = ids[1, 10:]            # at the end (the last position predicts nothing)
+    labels[2, 1] = ids[2, 1]                # a single target
+    full = lm_loss(model(ids), labels)
+    g_full = torch.autograd.grad(full, list(model.parameters()))
+    logits_at, targets = loss_positions(labels)
+    assert logits_at.sum() == 4 + 2 + 1 and targets.tolist() == labels[labels != -100].tolist()
+    logits = model(ids, logits_at=logits_at)
+    assert logits.shape == (7, 101)
+    part = F.cross_entropy(logits.float(), targets)          # as lm_loss and train.forward_loss
+    g_part = torch.autograd.grad(part, list(model.parameters()))
+    torch.testing.assert_close(part, full, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_part, g_full):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

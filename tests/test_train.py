@@ -158,7 +158,7 @@ class Poisoned(torch.nn.Module):
 
     def forward(self, input_ids, **kwargs):
         self.calls += 1
-        logits = self.lm(input_ids)
+        logits = self.lm(input_ids, **kwargs)
         return logits * float("nan") if self.calls >= self.bad_call else logits
 
 
