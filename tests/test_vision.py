@@ -111,6 +111,24 @@ def test_quick_gelu():
     torch.testing.assert_close(quick_gelu(x), ACT2FN["quick_gelu"](x))
 
 
+def test_folded_mlp_equals_plain_quick_gelu_mlp_with_grads():
+    from minimind_v.vision import VisionMLP
+    torch.manual_seed(0)
+    mlp = VisionMLP(VisionConfig(hidden_size=32, num_heads=2, intermediate_size=128)).double()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.5)                       # activations well into both tails of quick_gelu
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    out, plain = mlp(x), mlp.forward_plain(x)
+    assert out.shape == (2, 5, 32) and plain.abs().max() > 1
+    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(out)
+    g = torch.autograd.grad((out * w).sum(), [x, *mlp.parameters()])
+    g_plain = torch.autograd.grad((plain * w).sum(), [x, *mlp.parameters()])
+    for a, b in zip(g, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_conv_patch_embedding_is_patchify_then_linear():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 20, kernel_size=8, stride=8, bias=False).double()
