@@ -46,7 +46,7 @@ POSITIONS = [("top left", "左上"), ("top", "正上方"), ("top right", "右上
              ("left", "左边"), ("center", "中间"), ("right", "右边"),
              ("bottom left", "左下"), ("bottom", "正下方"), ("bottom right", "右下")]
 COUNTS = {1: ("one", "一个"), 2: ("two", "两个"), 3: ("three", "三个")}
-SIZE_RANGE = (0.45, 0.85)    # a shape's width, as a fraction of its cell, is drawn from this range
+SIZE_RANGE = (0.65, 0.9)     # a shape's width, as a fraction of its cell, is drawn from this range
 MAX_BACKGROUND = 60          # background grey level is drawn from 0..MAX_BACKGROUND (all colours are brighter)
 
 CAPTION_PROMPTS = {"en": ["Describe the picture.", "What is in this image?", "Give a short description of the image."],
@@ -70,7 +70,7 @@ def random_scene(rng: random.Random, image_size: int) -> list[Shape]:
     for cell in sorted(rng.sample(range(9), rng.randint(1, 3))):
         row, col = divmod(cell, 3)
         half = cell_size / 2 * rng.uniform(*SIZE_RANGE)
-        room = cell_size / 2 - half - 1           # how far the centre may move and stay in the cell
+        room = max(cell_size / 2 - half - 1, 0.0)  # how far the centre may move and stay in the cell
         cx = (col + 0.5) * cell_size + rng.uniform(-room, room)
         cy = (row + 0.5) * cell_size + rng.uniform(-room, room)
         shapes.append(Shape(rng.choice(list(KINDS)), rng.choice(list(COLOURS)), cell, cx, cy, half))
