@@ -17,11 +17,11 @@ Two stages, as MiniMind2-V: a short pretraining on captions (projector + last LM
 then SFT on the questions (LM + projector learn). The question comes before `<image>` in every
 record, so with the causal mask the image positions can already see what is asked.
 
-What to expect: the SFT loss first drops to a plateau around 0.8 (the answer's format, guessed
-from the question alone), sits there for a few hundred steps, then falls as the model starts to
-read the picture. The run prints a progress line per interval, the held-out exact-match accuracy
+What to expect: the SFT loss first drops to about 0.7 (the answer's format, guessed from the
+question alone), then falls in steps as the model learns to read colour, shape and position from
+the picture (seed 0: 0.35 at step 1000, near 0 by step 3000). The run prints a progress line per interval, the held-out exact-match accuracy
 per question type and a few examples, and saves a picture grid of test images with questions and
-answers. With a single thread the whole run takes about 9 to 10 minutes on a small 2-core CPU.
+answers. With a single thread the whole run takes about 8 minutes on a small 2-core CPU.
 """
 from __future__ import annotations
 

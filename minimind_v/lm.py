@@ -107,10 +107,11 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
 
     logits (B, T, V), labels (B, T) -> scalar mean over the counted positions.
     """
-    shift_logits = logits[:, :-1, :].float()             # (B, T-1, V)
-    shift_labels = labels[:, 1:]                         # (B, T-1)
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                           shift_labels.reshape(-1), ignore_index=ignore_index)
+    # shift the labels, not the logits: logits are the biggest tensor of the step, and slicing
+    # off their last position would make a copy of them (and of their gradient)
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)   # (B, T): the last position predicts nothing
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=ignore_index)
 
 
 def loss_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
