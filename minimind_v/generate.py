@@ -91,7 +91,10 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
     extra = {} if images is None else {"pixel_values": images}
     if attention_mask is not None:
         extra["attention_mask"] = attention_mask
-    logits = model(input_ids, kv_cache=cache, **extra)[:, -1, :]             # prefill: (B, V)
+    # prefill: the whole prompt fills the cache; only the last position's logits are needed
+    last = torch.zeros_like(input_ids, dtype=torch.bool)
+    last[:, -1] = True
+    logits = model(input_ids, kv_cache=cache, logits_at=last, **extra)       # prefill: (B, V)
     seen = input_ids
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     try:
