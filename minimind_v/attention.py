@@ -15,8 +15,9 @@ holding `past` earlier tokens, the T new queries sit at positions past..past+T-1
 mask is `tril(ones(T, past+T), diagonal=past)`. An optional padding mask (B, S) hides pad keys.
 The softmax runs in float32. `attn_impl="sdpa"` swaps the matmul-softmax-matmul for
 `F.scaled_dot_product_attention` with the same mask (tests prove both equal); without padding
-the model passes mask=None ("just causal"): then the hand-written path goes block by block
-(`causal_attend_blocked`) and the fused kernel (is_causal) likewise skips the masked half.
+the model passes mask=None ("just causal"): then the hand-written path goes block by block and
+group by group (`causal_attend_blocked`) and the fused kernel (is_causal) likewise skips the
+masked half.
 """
 from __future__ import annotations
 
@@ -112,31 +113,41 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 def causal_attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 128,
                           dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Plain causal attention (T == S, no padding) that never computes the masked half.
+    """Plain causal GQA attention (T == S, no padding, no cache) that skips the masked half and
+    never copies K/V per query head. q (B, T, H, hd), k/v (B, T, H_kv, hd) -> (B, T, H, hd).
 
-    Queries go in blocks of `block` rows. Block [a, b) may only see keys [0, b): every score to
-    the right of b would be masked, so it is simply not computed. The block is exactly "b - a new
-    tokens after a cache of a", so its mask is `causal_mask(b - a, b)`. For T = 640 and
-    block = 128 this computes 60% of the T x T scores, and each block's softmax and its backward
-    touch 5x less memory at a time. Same result as `attend(q, k, v, causal_mask(T, T))`; the idea
-    is the one fused kernels (flash attention) use to skip masked tiles.
-    q, k, v (B, H, T, hd) -> (B, H, T, hd).
+    Two ideas, both exact (same result as repeat_kv + `attend` with `causal_mask(T, T)`):
+    - Skip the masked half. Queries go in blocks of `block` positions. Block [a, b) may only see
+      keys [0, b): every score to the right of b would be masked, so it is not computed. The block
+      is exactly "b - a new tokens after a cache of a", so its mask is `causal_mask(b - a, b)`. For
+      T = 640, block = 128 this computes 60% of the T x T scores (flash attention skips masked
+      tiles the same way).
+    - GQA by grouping queries instead of repeating keys. The r = H / H_kv query heads that share a
+      K/V head become extra rows of one matrix product with that head: per group, the block's
+      queries are a (C * r, hd) matrix (rows ordered position-major: t0 rep0, t0 rep1, ...), so K
+      and V are read once per group and never expanded to H heads.
     """
-    T = q.shape[-2]
-    # one copy into head-major memory, so that every block below is a plain slice that the
-    # batched matmuls read in place (no hidden per-block copies)
-    q = (q * (1.0 / math.sqrt(q.shape[-1]))).contiguous()
-    k, v = k.contiguous(), v.contiguous()
+    B, T, H, hd = q.shape
+    n_kv = k.shape[2]
+    r = H // n_kv
+    # (B, H_kv, T, r, hd): one copy, after which a block of positions is a contiguous (C * r, hd)
+    # matrix per group; split (not slicing) gives the blocks, so the backward is one concatenation
+    q = (q * (1.0 / math.sqrt(hd))).view(B, T, n_kv, r, hd).permute(0, 2, 1, 3, 4).contiguous()
+    k = k.transpose(1, 2).contiguous()                                     # (B, H_kv, T, hd)
+    v = v.transpose(1, 2).contiguous()
     neg = torch.finfo(q.dtype).min                                         # scores have q's dtype
     outs = []
-    for a in range(0, T, block):
-        b = min(a + block, T)
-        scores = q[:, :, a:b] @ k[:, :, :b].transpose(-2, -1)             # (B, H, b-a, b)
-        scores = scores.masked_fill_(~causal_mask(b - a, b, q.device), neg)
+    for a, q_blk in zip(range(0, T, block), q.split(block, dim=2)):
+        C = q_blk.shape[2]
+        b = a + C
+        scores = q_blk.reshape(B, n_kv, C * r, hd) @ k[:, :, :b].transpose(-2, -1)   # (B, H_kv, C*r, b)
+        mask = causal_mask(C, b, q.device).repeat_interleave(r, dim=0)            # (C*r, b)
+        scores = scores.masked_fill_(~mask, neg)
         probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         probs = F.dropout(probs, p=dropout_p, training=training)
-        outs.append(probs @ v[:, :, :b])                                  # (B, H, b-a, hd)
-    return torch.cat(outs, dim=2)                                          # (B, H, T, hd)
+        outs.append((probs @ v[:, :, :b]).view(B, n_kv, C, r, hd))                 # (B, H_kv, C, r, hd)
+    out = torch.cat(outs, dim=2)                                                     # (B, H_kv, T, r, hd)
+    return out.permute(0, 2, 1, 3, 4).reshape(B, T, H, hd)                          # head h = kv * r + rep
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -179,18 +190,18 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)        # (B, S, H_kv, hd), S = past + T
+        p = self.dropout if self.training else 0.0
+        if self.impl == "manual" and mask is None and k.shape[1] == T:    # plain causal, no cache
+            out = causal_attend_blocked(q, k, v, dropout_p=p, training=self.training)   # (B, T, H, hd)
+            return self.resid_dropout(self.o_proj(out.reshape(B, T, self.n_heads * self.hd)))
         q = q.transpose(1, 2)                                   # (B, H, T, hd)
         k = repeat_kv(k, self.n_rep).transpose(1, 2)            # (B, H, S, hd)
         v = repeat_kv(v, self.n_rep).transpose(1, 2)
-        p = self.dropout if self.training else 0.0
         if self.impl == "sdpa":
             out = sdpa(q, k, v, mask, p)
         else:
-            if mask is None and T == k.shape[2]:                         # plain causal, no cache
-                out = causal_attend_blocked(q, k, v, dropout_p=p, training=self.training)
-            else:
-                if mask is None:                                         # new tokens after a cache
-                    mask = causal_mask(T, k.shape[2], x.device)            # (T, S)
-                out = attend(q, k, v, mask, p, self.training)
+            if mask is None:                                             # new tokens after a cache
+                mask = causal_mask(T, k.shape[2], x.device)                # (T, S)
+            out = attend(q, k, v, mask, p, self.training)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)   # (B, T, H*hd)
         return self.resid_dropout(self.o_proj(out))

@@ -69,13 +69,25 @@ def test_attend_matches_sdpa():
     torch.testing.assert_close(attend(q, k, v, mask), ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("T,block", [(640, 128), (300, 128), (37, 8), (5, 16), (64, 64)])
-def test_blocked_causal_equals_full_mask_with_grads(T, block):
-    # T a multiple of the block, a ragged last block, T shorter than one block, exactly one block
+def _sdpa_gqa(q, k, v):
+    """Reference: repeat K/V heads with repeat_interleave, then causal SDPA. (B, T, heads, hd) in and out."""
+    r = q.shape[2] // k.shape[2]
+    k, v = (t.repeat_interleave(r, dim=2) for t in (k, v))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("T,block,H,H_kv", [(640, 128, 8, 2), (300, 128, 6, 3), (37, 8, 4, 1), (5, 16, 2, 2),
+                                            (64, 64, 4, 2)])
+def test_blocked_causal_equals_full_mask_with_grads(T, block, H, H_kv):
+    # T a multiple of the block, a ragged last block, T shorter than one block, exactly one block;
+    # groups of 4, 2, 4 query heads per K/V head and plain multi-head (H == H_kv)
     g = torch.Generator().manual_seed(T)
-    q, k, v = (torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q = torch.randn(2, T, H, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, T, H_kv, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     out = causal_attend_blocked(q, k, v, block=block)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = _sdpa_gqa(q, k, v)
+    assert out.shape == (2, T, H, 8)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     w = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((out * w).sum(), (q, k, v))
@@ -87,7 +99,8 @@ def test_blocked_causal_equals_full_mask_with_grads(T, block):
 
 def test_blocked_causal_bf16_close_to_float32():
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 200, 16, generator=g) for _ in range(3))
+    q = torch.randn(1, 200, 4, 16, generator=g)
+    k, v = (torch.randn(1, 200, 2, 16, generator=g) for _ in range(2))
     ref = causal_attend_blocked(q, k, v, block=64)
     out = causal_attend_blocked(q.bfloat16(), k.bfloat16(), v.bfloat16(), block=64)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
