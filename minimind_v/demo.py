@@ -19,9 +19,10 @@ record, so with the causal mask the image positions can already see what is aske
 
 What to expect: the SFT loss first drops to about 0.7 (the answer's format, guessed from the
 question alone), then falls in steps as the model learns to read colour, shape and position from
-the picture (seed 0: 0.35 at step 1000, near 0 by step 3000). The run prints a progress line per interval, the held-out exact-match accuracy
-per question type and a few examples, and saves a picture grid of test images with questions and
-answers. With a single thread the whole run takes about 8 minutes on a small 2-core CPU.
+the picture (seed 0: 0.38 at step 1000, near 0 after step 3000). The run prints a progress line
+per interval, the held-out exact-match accuracy per question type and a few examples, and saves a
+picture grid of test images with questions and answers. With a single thread the whole run takes
+about 7.5 to 8.5 minutes on a small 2-core CPU.
 """
 from __future__ import annotations
 
