@@ -193,15 +193,16 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.impl == "manual" and mask is None and k.shape[1] == T:    # plain causal, no cache
             out = causal_attend_blocked(q, k, v, dropout_p=p, training=self.training)   # (B, T, H, hd)
-            return self.resid_dropout(self.o_proj(out.reshape(B, T, self.n_heads * self.hd)))
-        q = q.transpose(1, 2)                                   # (B, H, T, hd)
-        k = repeat_kv(k, self.n_rep).transpose(1, 2)            # (B, H, S, hd)
-        v = repeat_kv(v, self.n_rep).transpose(1, 2)
-        if self.impl == "sdpa":
-            out = sdpa(q, k, v, mask, p)
         else:
-            if mask is None:                                             # new tokens after a cache
-                mask = causal_mask(T, k.shape[2], x.device)                # (T, S)
-            out = attend(q, k, v, mask, p, self.training)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)   # (B, T, H*hd)
+            q = q.transpose(1, 2)                                   # (B, H, T, hd)
+            k = repeat_kv(k, self.n_rep).transpose(1, 2)            # (B, H, S, hd)
+            v = repeat_kv(v, self.n_rep).transpose(1, 2)
+            if self.impl == "sdpa":
+                out = sdpa(q, k, v, mask, p)
+            else:
+                if mask is None:                                    # new tokens after a cache
+                    mask = causal_mask(T, k.shape[2], x.device)     # (T, S)
+                out = attend(q, k, v, mask, p, self.training)
+            out = out.transpose(1, 2)                               # (B, T, H, hd)
+        out = out.reshape(B, T, self.n_heads * self.hd)             # (B, T, H*hd)
         return self.resid_dropout(self.o_proj(out))

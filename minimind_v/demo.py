@@ -40,10 +40,10 @@ from .train import TrainConfig, train, write_config
 
 # the demo's settings; --quick shrinks them to run in seconds (a smoke test, not a good model)
 FULL = dict(n_train=8000, n_test=500, pretrain_steps=120, sft_steps=4000, batch_size=64, lr=2e-3,
-            hidden=128, layers=2, vision_hidden=128, vision_layers=2, embed_std=0.1, proj_scale=1.0,
+            hidden=128, layers=2, vision_hidden=128, vision_layers=2, embed_std=0.1,
             pos_scale=6.0)
 QUICK = dict(n_train=96, n_test=24, pretrain_steps=4, sft_steps=12, batch_size=16, lr=2e-3,
-             hidden=32, layers=2, vision_hidden=32, vision_layers=1, embed_std=0.1, proj_scale=1.0,
+             hidden=32, layers=2, vision_hidden=32, vision_layers=1, embed_std=0.1,
              pos_scale=6.0)
 
 
@@ -123,8 +123,6 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
         # model starts from a trained LM whose embeddings are far larger; starting from scratch, and
         # with the embeddings frozen during pretraining, we draw them larger instead.
         model.lm.embed_tokens.weight.normal_(0.0, s["embed_std"])
-        for p in model.vision_proj.parameters():
-            p.mul_(s["proj_scale"])
         # The random ViT's position embeddings (std D^-0.5 = 0.09) are ~6x weaker than the content
         # its patch convolution writes (~0.6), so a patch vector barely says where it sits, and
         # "What is at the bottom left?" has little to go on. A trained CLIP has learned strong

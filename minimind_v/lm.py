@@ -102,14 +102,21 @@ class MiniMindLM(nn.Module):
         return self.forward_embeds(self.embed(input_ids), kv_cache, attention_mask, logits_at)
 
 
+def next_token_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """labels (B, T) -> targets (B, T): position t predicts labels[t+1]; the last predicts nothing.
+
+    Shifting the labels, not the logits: logits are the biggest tensor of the step, and slicing
+    off their last position would make a copy of them (and of their gradient).
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Next-token cross-entropy: position t predicts labels[t+1]; -100 labels are ignored.
 
     logits (B, T, V), labels (B, T) -> scalar mean over the counted positions.
     """
-    # shift the labels, not the logits: logits are the biggest tensor of the step, and slicing
-    # off their last position would make a copy of them (and of their gradient)
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)   # (B, T): the last position predicts nothing
+    targets = next_token_targets(labels, ignore_index)             # (B, T)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index)
 
@@ -121,9 +128,9 @@ def loss_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torc
     targets (K,): those labels in the same row-major order). Then
     `F.cross_entropy(model(ids, logits_at=logits_at), targets)` equals `lm_loss(model(ids), labels)`.
     """
-    counted = labels[:, 1:] != ignore_index                          # (B, T-1)
-    logits_at = F.pad(counted, (0, 1))                               # (B, T): the last position predicts nothing
-    return logits_at, labels[:, 1:][counted]
+    targets = next_token_targets(labels, ignore_index)             # (B, T)
+    logits_at = targets != ignore_index
+    return logits_at, targets[logits_at]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

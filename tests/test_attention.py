@@ -104,7 +104,7 @@ def test_blocked_causal_bf16_close_to_float32():
     ref = causal_attend_blocked(q, k, v, block=64)
     out = causal_attend_blocked(q.bfloat16(), k.bfloat16(), v.bfloat16(), block=64)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02)   # a few bf16 steps (2^-8)
 
 
 def test_manual_layer_uses_blocked_path_when_plain_causal(monkeypatch):
