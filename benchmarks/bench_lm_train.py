@@ -72,6 +72,8 @@ def main():
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--contestants", default="ours/manual,ours/sdpa,hf/sdpa,hf/eager",
+                    help="comma-separated subset (hf/sdpa, the baseline, is always run)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,6 +97,8 @@ def main():
             h = transformers.LlamaForCausalLM(hf_config(cfg, attn))
             h.load_state_dict(state)
             contestants[f"hf/{attn}"] = make_step(h.to(device).train(), True, ids, dtype, device)
+        wanted = set(args.contestants.split(",")) | {"hf/sdpa"}
+        contestants = {name: step for name, step in contestants.items() if name in wanted}
         losses = {name: float(step().detach()) for name, step in contestants.items()}   # warmup; same loss?
         times = {name: [] for name in contestants}
         for _ in range(args.repeats):

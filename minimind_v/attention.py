@@ -135,17 +135,20 @@ def causal_attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     q = (q * (1.0 / math.sqrt(hd))).view(B, T, n_kv, r, hd).permute(0, 2, 1, 3, 4).contiguous()
     k = k.transpose(1, 2).contiguous()                                     # (B, H_kv, T, hd)
     v = v.transpose(1, 2).contiguous()
-    neg = torch.finfo(q.dtype).min                                         # scores have q's dtype
     outs = []
     for a, q_blk in zip(range(0, T, block), q.split(block, dim=2)):
         C = q_blk.shape[2]
         b = a + C
-        scores = q_blk.reshape(B, n_kv, C * r, hd) @ k[:, :, :b].transpose(-2, -1)   # (B, H_kv, C*r, b)
-        mask = causal_mask(C, b, q.device).repeat_interleave(r, dim=0)            # (C*r, b)
-        scores = scores.masked_fill_(~mask, neg)
+        # the mask as an additive bias (0 = may attend, -inf = may not), added by the matmul itself
+        # (baddbmm: bias + q k^T in one kernel); unlike masked_fill it costs nothing in backward
+        bias = torch.zeros(C * r, b, dtype=q.dtype, device=q.device)                 # (C*r, b)
+        bias.masked_fill_(~causal_mask(C, b, q.device).repeat_interleave(r, dim=0), float("-inf"))
+        scores = torch.baddbmm(bias, q_blk.reshape(B * n_kv, C * r, hd),              # (B*H_kv, C*r, b)
+                               k[:, :, :b].reshape(B * n_kv, b, hd).transpose(1, 2))
         probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         probs = F.dropout(probs, p=dropout_p, training=training)
-        outs.append((probs @ v[:, :, :b]).view(B, n_kv, C, r, hd))                 # (B, H_kv, C, r, hd)
+        o = torch.bmm(probs, v[:, :, :b].reshape(B * n_kv, b, hd))                    # (B*H_kv, C*r, hd)
+        outs.append(o.view(B, n_kv, C, r, hd))
     out = torch.cat(outs, dim=2)                                                     # (B, H_kv, T, r, hd)
     return out.permute(0, 2, 1, 3, 4).reshape(B, T, H, hd)                          # head h = kv * r + rep
 
