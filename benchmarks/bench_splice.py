@@ -23,6 +23,11 @@ import torch
 
 from minimind_v.splice import splice, splice_loop
 
+try:                                    # the fused kernel needs a C++ compiler (minimind_v.ops builds it)
+    from minimind_v.ops import fused_splice
+except RuntimeError as e:
+    fused_splice, FUSED_ERROR = None, str(e)
+
 
 def seed_count_vision_proj(tokens, h, vision_proj, image_ids):
     """The seed's function as published (its `self.vision_proj` already applied, seqlen = T)."""
@@ -111,8 +116,10 @@ def main(argv=None) -> int:
     image_ids = [pad] * args.L
     print(f"device={args.device} T={args.T} D={args.D} L={args.L} threads={torch.get_num_threads()} "
           f"clock={args.clock} torch={torch.__version__}")
-    print(f"{'B':>4} {'imgs':>4} {'copy ms':>9} {'splice ms':>10} {'loop ms':>9} {'seed ms':>9} "
-          f"{'splice/copy':>12} {'loop/splice':>12} {'seed/splice':>12}")
+    if fused_splice is None:
+        print(f"fused kernel not built, its columns are empty: {FUSED_ERROR}")
+    print(f"{'B':>4} {'imgs':>4} {'copy ms':>9} {'splice ms':>10} {'fused ms':>9} {'loop ms':>9} {'seed ms':>9} "
+          f"{'splice/copy':>12} {'fused/copy':>11} {'loop/splice':>12} {'seed/splice':>12}")
     for B in args.batch:
         for n in args.images:
             ids, h, img = make_batch(B, args.T, args.D, args.L, n, pad, args.device)
@@ -121,11 +128,16 @@ def main(argv=None) -> int:
             assert torch.equal(seed_count_vision_proj(ids, h, img, image_ids), want)
             t_copy = timeit(lambda: h.clone(), args.device, args.repeat, clock=clock)
             t_fast = timeit(lambda: splice(ids, h, img, image_ids), args.device, args.repeat, clock=clock)
+            t_fused = float("nan")
+            if fused_splice is not None and h.device.type == "cpu":
+                assert torch.equal(fused_splice(ids, h, img, image_ids), want)
+                t_fused = timeit(lambda: fused_splice(ids, h, img, image_ids), args.device, args.repeat, clock=clock)
             t_loop = timeit(lambda: splice_loop(ids, h, img, image_ids), args.device, args.repeat, clock=clock)
             t_seed = timeit(lambda: seed_count_vision_proj(ids, h, img, image_ids), args.device, args.repeat,
                             clock=clock)
-            print(f"{B:>4} {n:>4} {t_copy * 1e3:>9.3f} {t_fast * 1e3:>10.3f} {t_loop * 1e3:>9.3f} "
-                  f"{t_seed * 1e3:>9.3f} {t_fast / t_copy:>11.2f}x {t_loop / t_fast:>11.2f}x "
+            print(f"{B:>4} {n:>4} {t_copy * 1e3:>9.3f} {t_fast * 1e3:>10.3f} {t_fused * 1e3:>9.3f} "
+                  f"{t_loop * 1e3:>9.3f} {t_seed * 1e3:>9.3f} {t_fast / t_copy:>11.2f}x "
+                  f"{t_fused / t_copy:>10.2f}x {t_loop / t_fast:>11.2f}x "
                   f"{t_seed / t_fast:>11.2f}x")
     return 0
 

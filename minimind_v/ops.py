@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension
 
+from .splice import _check, image_starts, splice
+
 # ---------------------------------------------------------------------------------------------
 # 1. The math in torch ops (the hand-written backward that the kernels implement)
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +96,7 @@ class RMSNormFunction(torch.autograd.Function):
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 CPP_SOURCE = KERNELS_DIR / "rmsnorm.cpp"
 CUDA_SOURCE = KERNELS_DIR / "rmsnorm.cu"
+SPLICE_SOURCE = KERNELS_DIR / "splice.cpp"        # the fused splice (CPU only), section 4
 
 
 def _cpu_flags() -> list[str]:
@@ -160,7 +163,7 @@ def build(verbose: bool = False) -> Path:
 def _build(with_cuda: bool, verbose: bool) -> Path:
     """The folder name is a hash of everything that changes the binary."""
     cpp_ext = torch.utils.cpp_extension
-    sources = [CPP_SOURCE] + ([CUDA_SOURCE] if with_cuda else [])
+    sources = [CPP_SOURCE, SPLICE_SOURCE] + ([CUDA_SOURCE] if with_cuda else [])
     for src in sources:
         if not src.is_file():
             raise RuntimeError(f"minimind_v.ops: kernel source {src} is missing "
@@ -238,3 +241,54 @@ _lib.impl("fused_rms_norm", _fused_rms_norm_composite, "CompositeImplicitAutogra
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """x (..., D), weight (D,) -> (..., D): the fused kernel, same result as `norm.rms_norm`."""
     return torch.ops.minimind.fused_rms_norm(x, weight, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The fused splice: each output row written once (kernels/splice.cpp, CPU)
+# ---------------------------------------------------------------------------------------------
+# `minimind_v.splice.splice` copies all of h and then writes the image rows over that copy; the
+# kernel writes every row once, from h or from an image, so it moves the bytes of one copy of h.
+# The run finding stays in torch (`image_starts`); the kernel only moves rows.
+
+
+@torch.library.register_fake("minimind::splice_rows")
+def _splice_rows_fake(h, images, starts):
+    return h.new_empty(h.shape)                                                 # (B, T, D)
+
+
+@torch.library.register_fake("minimind::splice_rows_backward")
+def _splice_rows_backward_fake(grad, starts, L):
+    B, T, D = grad.shape
+    return grad.new_empty(grad.shape), grad.new_empty(B, starts.shape[1], L, D)
+
+
+def _splice_setup_context(ctx, inputs, output):
+    _h, images, starts = inputs
+    ctx.save_for_backward(starts)
+    ctx.L = images.shape[2]
+
+
+def _splice_backward(ctx, grad):
+    (starts,) = ctx.saved_tensors
+    grad_h, grad_images = torch.ops.minimind.splice_rows_backward(grad, starts, ctx.L)
+    return grad_h, grad_images, None
+
+
+torch.library.register_autograd("minimind::splice_rows", _splice_backward, setup_context=_splice_setup_context)
+
+
+def fused_splice(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Tensor,
+                 image_ids) -> torch.Tensor:
+    """`minimind_v.splice.splice` with the row moves done by the kernel: same arguments, same result.
+
+    input_ids (B, T), h (B, T, D), image_embeds (B, N, L, D), image_ids: list of L ids -> (B, T, D).
+    The kernel is CPU only; for tensors on another device this is `splice` itself.
+    """
+    if h.device.type != "cpu":
+        return splice(input_ids, h, image_embeds, image_ids)
+    L = _check(input_ids, h, image_embeds, image_ids)
+    T, N = h.shape[1], image_embeds.shape[1]
+    if T < L or N == 0:                                 # shapes alone say nothing is replaced
+        return h.clone()
+    starts = image_starts(input_ids, image_ids, N)                              # (B, N)
+    return torch.ops.minimind.splice_rows(h, image_embeds.to(h.dtype), starts)  # (B, T, D)

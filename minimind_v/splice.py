@@ -164,6 +164,31 @@ def runs_of_one_id(input_ids: torch.Tensor, pad_id: int, L: int) -> torch.Tensor
     return is_pad[:, :W] & whole & (offset[:, :W] % L == 0)                 # (B, W)
 
 
+def image_starts(input_ids: torch.Tensor, image_ids, N: int) -> torch.Tensor:
+    """(B, T) ids -> (B, N) long: where image n of each row starts, or T where it has no run.
+
+    The starts of a row are increasing and at least L apart (runs never overlap).
+    """
+    L = len(image_ids)
+    B, T = input_ids.shape
+    W = T - L + 1                                       # number of windows per row
+    device = input_ids.device
+    if W <= 0:                                          # no run fits: every image is unplaced
+        return torch.full((B, N), T, dtype=torch.long, device=device)
+    # 1. which windows start a run (a closed form for the usual one-id placeholder)
+    if all(i == image_ids[0] for i in image_ids):
+        starts = runs_of_one_id(input_ids, image_ids[0], L)         # (B, W) bool
+    else:
+        starts = select_runs(find_matches(input_ids, image_ids), L)
+    # 2. the n-th run's start is the n-th smallest kept position. Sorting the kept positions
+    #    (others set to T = "no run"), with N extra "no run" entries appended so that a row with
+    #    fewer runs than images still has N values, gives them in order.
+    pos = torch.arange(W, device=device)                            # (W,)
+    no_run = torch.full((B, N), T, dtype=torch.long, device=device)
+    candidates = torch.cat([torch.where(starts, pos, T), no_run], dim=1)    # (B, W + N)
+    return candidates.sort(dim=1).values[:, :N]                     # (B, N): start of image n, or T
+
+
 def splice(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Tensor,
            image_ids) -> torch.Tensor:
     """Replace the n-th placeholder run of each row by that row's image n (vectorized version).
@@ -175,24 +200,10 @@ def splice(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Tensor,
     B, T, D = h.shape
     N = image_embeds.shape[1]
     image_embeds = image_embeds.to(h.dtype)
-    W = T - L + 1                                       # number of windows per row
-    if W <= 0 or N == 0:                                # shapes alone say nothing is replaced
+    if T < L or N == 0:                                 # shapes alone say nothing is replaced
         return h.clone()
     device = h.device
-
-    # 1. which windows start a run (a closed form for the usual one-id placeholder)
-    if all(i == image_ids[0] for i in image_ids):
-        starts = runs_of_one_id(input_ids, image_ids[0], L)         # (B, W) bool
-    else:
-        starts = select_runs(find_matches(input_ids, image_ids), L)
-
-    # 2. where each image goes: the n-th run's start is the n-th smallest kept position. Sorting
-    #    the kept positions (others set to T = "no run"), with N extra "no run" entries appended
-    #    so that a row with fewer runs than images still has N values, gives them in order.
-    pos = torch.arange(W, device=device)                            # (W,)
-    no_run = torch.full((B, N), T, dtype=torch.long, device=device)
-    candidates = torch.cat([torch.where(starts, pos, T), no_run], dim=1)    # (B, W + N)
-    image_start = candidates.sort(dim=1).values[:, :N]              # (B, N): start of image n, or T
+    image_start = image_starts(input_ids, image_ids, N)             # (B, N)
     # 3. destination row (in h flattened to (B*T, D)) of every image vector; the vectors of an image
     #    without a run all go to one scratch row after the B*T real ones, dropped at the end
     j = torch.arange(L, device=device)                                           # (L,)
