@@ -96,6 +96,7 @@ class VLMConfig:
     image_pad_id: int = 34       # upstream MiniMind2-V: the id of '@', repeated num_patches times
     num_patches: int = 196       # placeholder run length = patch vectors per image
     projector: str = "linear"    # "linear": MiniMind2-V's Linear(768, 512); "mlp": LN -> Linear -> GELU -> Linear
+    splice_impl: str = "vectorized"  # "vectorized": splice.splice (torch ops); "fused": the kernels/ op (CPU)
 
     def __post_init__(self):
         if isinstance(self.lm, dict):
@@ -104,6 +105,8 @@ class VLMConfig:
             self.vision = VisionConfig(**self.vision)
         if self.projector not in ("linear", "mlp"):
             raise ValueError(f"projector must be 'linear' or 'mlp', got {self.projector!r}")
+        if self.splice_impl not in ("vectorized", "fused"):
+            raise ValueError(f"splice_impl must be 'vectorized' or 'fused', got {self.splice_impl!r}")
         if self.num_patches != self.vision.num_patches:
             raise ValueError(
                 f"num_patches {self.num_patches} must equal the encoder's patch count "
@@ -117,4 +120,4 @@ class VLMConfig:
     def to_dict(self) -> dict:
         return {"lm": self.lm.to_dict(), "vision": self.vision.to_dict(),
                 "image_pad_id": self.image_pad_id, "num_patches": self.num_patches,
-                "projector": self.projector}
+                "projector": self.projector, "splice_impl": self.splice_impl}

@@ -138,5 +138,9 @@ class MiniMindVLM(nn.Module):
                 raise ValueError(f"{input_ids.shape[0]} rows of input_ids but images for "
                                  f"{(pixel_values if pixel_values is not None else image_features).shape[0]}")
             vectors = self.image_embeds(pixel_values, image_features)   # (B, N, P, D)
-            h = splice(input_ids, h, vectors, self.image_ids)           # (B, T, D)
+            if self.cfg.splice_impl == "fused":
+                from .ops import fused_splice  # builds/loads the kernels on first use
+                h = fused_splice(input_ids, h, vectors, self.image_ids)  # (B, T, D), each row written once
+            else:
+                h = splice(input_ids, h, vectors, self.image_ids)       # (B, T, D)
         return self.lm.forward_embeds(h, kv_cache, attention_mask, logits_at)   # (B, T, V) or (K, V)

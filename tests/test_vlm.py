@@ -66,6 +66,24 @@ def test_forward_equals_manual_composition(projector):
     assert (ours[:, -1] - text_only[:, -1]).abs().max() > 1e-3
 
 
+def test_fused_splice_option_gives_the_same_logits_and_gradients():
+    pytest.importorskip("minimind_v.ops", exc_type=RuntimeError)   # needs a C++ compiler
+    ids, pixels = prompts()
+    results = []
+    for impl in ("vectorized", "fused"):
+        model = tiny_model()
+        model.cfg.splice_impl = impl
+        logits = model(ids, pixels)
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        results.append((logits.detach(), model.vision_proj.vision_proj[0].weight.grad,
+                        model.lm.embed_tokens.weight.grad))
+    for a, b in zip(*results):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="splice_impl must be"):
+        VLMConfig(splice_impl="loop")
+
+
 def test_features_are_taken_before_ln_post_without_cls():
     model = tiny_model()
     _, pixels = prompts()
