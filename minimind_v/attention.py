@@ -8,7 +8,10 @@ Per layer, for tokens x (B, T, D):
     out = softmax(q k^T / sqrt(hd) + mask) v  -> (B, T, H*hd) -> Wo
 
 GQA stores 4x fewer keys/values than full multi-head attention (the KV cache shrinks
-accordingly); `repeat_kv` copies each K/V head to the queries of its group before the matmul.
+accordingly); `repeat_kv` copies each K/V head to the queries of its group before the matmul
+(the plain statement, used with `attend`). The model's hand-written path gets the same result
+without the copy by folding the query heads of a group into the rows of one matmul
+(`attend_grouped` for padding and cached decoding, `causal_attend_blocked` for plain causal).
 
 Masks: the causal mask lets the query at absolute position p see keys 0..p. With a cache
 holding `past` earlier tokens, the T new queries sit at positions past..past+T-1, so the
@@ -167,6 +170,31 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                   dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """`attend` for GQA without repeating K/V (same result as repeat_kv + `attend`).
+    q (B, T, H, hd), k/v (B, S, H_kv, hd), mask bool (T, S) or (B or 1, 1, T, S) -> (B, T, H, hd).
+
+    The r = H / H_kv query heads that share a K/V head become r * T rows of one product with it,
+    so the keys are read once per group, never copied to H heads. This matters for decoding: each
+    step attends one new query per head to the whole cache, and `repeat_kv` would copy that cache
+    (r times larger) in every layer, every step.
+    """
+    B, T, H, hd = q.shape
+    S, n_kv = k.shape[1], k.shape[2]
+    r = H // n_kv
+    q = (q * (1.0 / math.sqrt(hd))).view(B, T, n_kv, r, hd).permute(0, 2, 3, 1, 4)    # (B, H_kv, r, T, hd)
+    q = q.reshape(B, n_kv, r * T, hd)                                      # rows: rep-major, then t
+    k, v = k.transpose(1, 2), v.transpose(1, 2)                            # (B, H_kv, S, hd), views
+    scores = (q @ k.transpose(-2, -1)).view(B, n_kv, r, T, S)              # (B, H_kv, r, T, S)
+    mask = mask if mask.dim() == 2 else mask[:, :, None]                   # (T, S) or (B|1, 1, 1, T, S)
+    scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    probs = F.dropout(probs, p=dropout_p, training=training)
+    out = probs.view(B, n_kv, r * T, S) @ v                                # (B, H_kv, r*T, hd)
+    return out.view(B, n_kv, r, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H, hd)   # head = kv*r + rep
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig, layer_idx: int = 0):
         super().__init__()
@@ -196,16 +224,14 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.impl == "manual" and mask is None and k.shape[1] == T:    # plain causal, no cache
             out = causal_attend_blocked(q, k, v, dropout_p=p, training=self.training)   # (B, T, H, hd)
+        elif self.impl == "manual":                                 # padding, or tokens after a cache
+            if mask is None:
+                mask = causal_mask(T, k.shape[1], x.device)         # (T, S)
+            out = attend_grouped(q, k, v, mask, p, self.training)   # (B, T, H, hd)
         else:
             q = q.transpose(1, 2)                                   # (B, H, T, hd)
             k = repeat_kv(k, self.n_rep).transpose(1, 2)            # (B, H, S, hd)
             v = repeat_kv(v, self.n_rep).transpose(1, 2)
-            if self.impl == "sdpa":
-                out = sdpa(q, k, v, mask, p)
-            else:
-                if mask is None:                                    # new tokens after a cache
-                    mask = causal_mask(T, k.shape[2], x.device)     # (T, S)
-                out = attend(q, k, v, mask, p, self.training)
-            out = out.transpose(1, 2)                               # (B, T, H, hd)
+            out = sdpa(q, k, v, mask, p).transpose(1, 2)            # (B, T, H, hd)
         out = out.reshape(B, T, self.n_heads * self.hd)             # (B, T, H*hd)
         return self.resid_dropout(self.o_proj(out))

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimind_v.attention import (Attention, KVCache, attend, build_mask, causal_attend_blocked, causal_mask,
-                                  repeat_kv)
+from minimind_v.attention import (Attention, KVCache, attend, attend_grouped, build_mask, causal_attend_blocked,
+                                  causal_mask, repeat_kv)
 from minimind_v.config import LMConfig
 from minimind_v.rope import apply_rope, rope_tables
 
@@ -95,6 +95,32 @@ def test_blocked_causal_equals_full_mask_with_grads(T, block, H, H_kv):
     for a, b in zip(grads, ref_grads):
         assert a.abs().max() > 1e-3
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("T,S,H,H_kv,padded", [(1, 23, 8, 2, False), (1, 23, 8, 2, True), (5, 12, 6, 3, True),
+                                              (9, 9, 4, 1, True), (4, 10, 2, 2, False)])
+def test_grouped_attend_equals_repeat_kv_attend_with_grads(T, S, H, H_kv, padded):
+    # one decode step after a cache, a chunk after a cache, a padded prefill; groups of 4, 2, 4, 1
+    g = torch.Generator().manual_seed(T * 100 + S)
+    q = torch.randn(2, T, H, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, S, H_kv, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    pad = torch.ones(2, S, dtype=torch.long)
+    if padded:
+        pad[0, :3] = 0          # left padding in row 0, a hole in row 1
+        pad[1, S - T - 1] = 0 if S > T else 1
+    mask = build_mask(T, S, pad if padded else None)                       # (B|1, 1, T, S)
+    out = attend_grouped(q, k, v, mask if padded else causal_mask(T, S))
+    r = H // H_kv
+    ref = attend(q.transpose(1, 2), repeat_kv(k, r).transpose(1, 2), repeat_kv(v, r).transpose(1, 2),
+                 mask).transpose(1, 2)
+    assert out.shape == (2, T, H, 8)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert a.abs().max() > 1e-3
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_blocked_causal_bf16_close_to_float32():
