@@ -5,8 +5,8 @@
 //   backward   grad_h[b, t]         = grad[b, t] outside the placed images, 0 inside them
 //              grad_images[b, n, j] = grad[b, s + j] for a placed image n, 0 for an unplaced one
 //
-// `starts` (B, N) int64 comes from `minimind_v.splice.image_starts`: where image n of row b starts,
-// or T when it has no run. The vectorized torch `splice` copies all of h and then writes the image
+// `starts` (B, N) int64: where image n of row b starts, or T when it has no run. `image_starts`
+// below finds them with the contract's scan (the same as `minimind_v.splice.image_starts`). The vectorized torch `splice` copies all of h and then writes the image
 // rows over it, so image positions are written twice; with two 196-row images in a 640-row row that
 // is 1.6x the memory traffic of one copy of h. Here a row is a few contiguous segments (text, image,
 // text, ...), each one memcpy, so the traffic is that of one copy. Works for every dtype (bytes).
@@ -45,6 +45,43 @@ static void check_starts(const at::Tensor& starts, int64_t B, int64_t N, int64_t
       free_from = st + L;
     }
   }
+}
+
+// (B, T) ids, pattern (L,) -> starts (B, N) int64: the greedy left-to-right scan of the contract
+// (`minimind_v.splice`): a run is L ids equal to the pattern, the scan resumes after a run, the
+// n-th run of a row gets image n, runs beyond N stay text, and an image without a run gets T.
+at::Tensor image_starts_cpu(const at::Tensor& input_ids_in, const at::Tensor& pattern_in, int64_t N) {
+  TORCH_CHECK(input_ids_in.dim() == 2, "image_starts: input_ids must be (B, T), got ", input_ids_in.sizes());
+  TORCH_CHECK(pattern_in.dim() == 1 && pattern_in.numel() >= 1, "image_starts: pattern must be a non-empty "
+              "(L,) tensor, got ", pattern_in.sizes());
+  TORCH_CHECK(N >= 0, "image_starts: N must be >= 0, got ", N);
+  TORCH_CHECK(input_ids_in.device().is_cpu() && pattern_in.device().is_cpu(), "image_starts: input_ids and "
+              "pattern must be on the CPU");
+  const at::Tensor ids = input_ids_in.to(at::kLong).contiguous();
+  const at::Tensor pattern = pattern_in.to(at::kLong).contiguous();
+  const int64_t B = ids.size(0), T = ids.size(1), L = pattern.numel();
+  at::Tensor starts = at::empty({B, N}, ids.options());
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const int64_t* pat = pattern.const_data_ptr<int64_t>();
+  int64_t* st = starts.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t* row = id + b * T;
+      int64_t n = 0;
+      for (int64_t s = 0; s + L <= T && n < N;) {
+        int64_t j = 0;
+        while (j < L && row[s + j] == pat[j]) ++j;
+        if (j == L) {           // a run: image n goes here, the scan resumes after it
+          st[b * N + n++] = s;
+          s += L;
+        } else {
+          ++s;
+        }
+      }
+      for (; n < N; ++n) st[b * N + n] = T;   // images without a run
+    }
+  });
+  return starts;
 }
 
 // out (B, T, D) = h with the placed images written in: segments of h and of the images, one memcpy each.
@@ -128,6 +165,8 @@ std::tuple<at::Tensor, at::Tensor> splice_rows_backward_cpu(const at::Tensor& gr
 }
 
 TORCH_LIBRARY_FRAGMENT(minimind, m) {
+  // starts (B, N) int64: where image n of row b starts (greedy, non-overlapping runs of `pattern`), or T
+  m.def("image_starts(Tensor input_ids, Tensor pattern, int N) -> Tensor");
   // out (B, T, D): h with image n of row b written at rows [starts[b, n], starts[b, n] + L); starts == T: unplaced
   m.def("splice_rows(Tensor h, Tensor images, Tensor starts) -> Tensor");
   // (grad_h (B, T, D), grad_images (B, N, L, D))
@@ -135,6 +174,7 @@ TORCH_LIBRARY_FRAGMENT(minimind, m) {
 }
 
 TORCH_LIBRARY_IMPL(minimind, CPU, m) {
+  m.impl("image_starts", &image_starts_cpu);
   m.impl("splice_rows", &splice_rows_cpu);
   m.impl("splice_rows_backward", &splice_rows_backward_cpu);
 }

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension
 
-from .splice import _check, image_starts, splice
+from .splice import _check, splice
 
 # ---------------------------------------------------------------------------------------------
 # 1. The math in torch ops (the hand-written backward that the kernels implement)
@@ -248,7 +248,9 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> 
 # ---------------------------------------------------------------------------------------------
 # `minimind_v.splice.splice` copies all of h and then writes the image rows over that copy; the
 # kernel writes every row once, from h or from an image, so it moves the bytes of one copy of h.
-# The run finding stays in torch (`image_starts`); the kernel only moves rows.
+# Finding the runs is one scan per row in C++ too (`minimind::image_starts`, the same starts as
+# `minimind_v.splice.image_starts`): on small batches the ~20 small torch ops of the vectorized
+# search would cost more than moving the rows.
 
 
 @torch.library.register_fake("minimind::splice_rows")
@@ -260,6 +262,11 @@ def _splice_rows_fake(h, images, starts):
 def _splice_rows_backward_fake(grad, starts, L):
     B, T, D = grad.shape
     return grad.new_empty(grad.shape), grad.new_empty(B, starts.shape[1], L, D)
+
+
+@torch.library.register_fake("minimind::image_starts")
+def _image_starts_fake(input_ids, pattern, N):
+    return input_ids.new_empty(input_ids.shape[0], N, dtype=torch.long)          # (B, N)
 
 
 def _splice_setup_context(ctx, inputs, output):
@@ -290,5 +297,6 @@ def fused_splice(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.T
     T, N = h.shape[1], image_embeds.shape[1]
     if T < L or N == 0:                                 # shapes alone say nothing is replaced
         return h.clone()
-    starts = image_starts(input_ids, image_ids, N)                              # (B, N)
+    pattern = torch.tensor(image_ids, dtype=torch.long)                         # (L,)
+    starts = torch.ops.minimind.image_starts(input_ids, pattern, N)             # (B, N), one scan in C++
     return torch.ops.minimind.splice_rows(h, image_embeds.to(h.dtype), starts)  # (B, T, D)

@@ -42,6 +42,9 @@ def test_fused_splice_equals_splice_loop_on_random_batches(case):
     B, T = ids.shape
     h, img = rand(B, T, N, len(image_ids), seed=seed)
     assert torch.equal(ops.fused_splice(ids, h, img, image_ids), splice_loop(ids, h, img, image_ids))
+    # the C++ scan finds the same starts as the vectorized search
+    starts = torch.ops.minimind.image_starts(ids, torch.tensor(image_ids), N)
+    assert torch.equal(starts, image_starts(ids, image_ids, N))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -95,6 +98,7 @@ def test_gradcheck_and_opcheck():
     starts = image_starts(ids, [P, P], 3)
     assert starts.tolist() == [[1, 4, 7], [0, 7, 7]]
     torch.library.opcheck(torch.ops.minimind.splice_rows, (h, img, starts))
+    torch.library.opcheck(torch.ops.minimind.image_starts, (ids, torch.tensor([P, P]), 3))
     torch.library.opcheck(torch.ops.minimind.splice_rows_backward, (torch.randn(2, 7, 2, dtype=torch.float64),
                                                                     starts, 2))
 
