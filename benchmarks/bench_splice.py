@@ -1,7 +1,9 @@
-"""Vectorized `splice` vs the loop reference `splice_loop` vs one plain copy of `h`, in one run.
+"""Vectorized `splice` and the fused kernel vs the loop reference `splice_loop` vs one plain copy
+of `h`, in one run.
 
 The copy `h.clone()` is the floor for any splice that returns a new tensor: every byte of `h` has
-to be read and written once. `splice_loop` keeps the seed's cost structure (a host
+to be read and written once. `fused` is `minimind_v.ops.fused_splice` (kernels/splice.cpp, CPU),
+which writes every output row once; its column is empty where the kernel cannot be built. `splice_loop` keeps the seed's cost structure (a host
 synchronisation per row, a `torch.cat` per run, a `torch.stack` at the end); `seed` is the seed's
 `count_vision_proj` itself, transcribed below (projection already applied), with its `.item()`
 per match.
@@ -12,7 +14,7 @@ per match.
 
 `--clock thread` (CPU only, with one thread) counts only the time this thread ran, so other
 processes on a shared machine disturb it less than the wall clock.
-Prints the best time of each and the ratios splice/copy, loop/splice and seed/splice.
+Prints the best time of each and the ratios splice/copy, fused/copy, loop/splice and seed/splice.
 """
 from __future__ import annotations
 
