@@ -1,4 +1,5 @@
-"""The fused RMSNorm custom op: its math in torch ops, its build, its registration.
+"""The fused RMSNorm custom op (its math in torch ops, its build, its registration), and the
+fused splice built with it.
 
 Eager `rms_norm` (minimind_v.norm) is five or six kernels forward (square, mean, rsqrt, two
 multiplies), each a full pass over memory, and autograd keeps their intermediates for backward.
@@ -10,16 +11,18 @@ per-row reciprocal RMS `rstd` (one number per row). Where it sits: `RMSNorm(impl
     backward   dx = r * (g*w - x * r^2 * mean(g*w*x))
                dw = sum over rows of g * cast_x(x * r)
 
-This module has three parts:
+This module has four parts:
 1. `rms_norm_forward`, `rms_norm_backward`, `RMSNormFunction`: the same math in plain torch ops,
    with the backward derived by hand (lesson 11). They need no compiler.
-2. The build: `kernels/rmsnorm.cpp` (and `kernels/rmsnorm.cu` when a CUDA torch and nvcc are
-   present) is compiled once with `torch.utils.cpp_extension` into a cache folder keyed by a hash
-   of the sources, flags and torch version, then loaded. Loading runs the C++ `TORCH_LIBRARY`
+2. The build: `kernels/rmsnorm.cpp` and `kernels/splice.cpp` (and `kernels/rmsnorm.cu` when a
+   CUDA torch and nvcc are present) are compiled once with `torch.utils.cpp_extension` into a cache
+   folder keyed by a hash of the sources, flags and torch version, then loaded. Loading runs the C++ `TORCH_LIBRARY`
    block, which defines `minimind::fused_rms_norm_forward` and `minimind::fused_rms_norm_backward`.
 3. The registration: fake (meta) kernels so `torch.compile` and `opcheck` can trace shapes without
    running C++, the autograd formula (forward saves x, w, rstd; backward calls the backward op), and
    the public `minimind::fused_rms_norm(x, weight, eps) -> y`, a composite of the forward op.
+4. The fused splice (`kernels/splice.cpp`, compiled into the same library): `fused_splice`, the
+   result of `minimind_v.splice.splice` with every output row written once (lesson 08).
 
 Importing this module builds (or loads from the cache) the kernels, so after `import minimind_v.ops`
 `torch.ops.minimind.fused_rms_norm(x, weight, eps)` exists. Dtypes: y has promote(x, w)'s dtype
