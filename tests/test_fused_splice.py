@@ -66,8 +66,8 @@ def test_non_contiguous_inputs_and_image_dtype_follow_h():
     ids = torch.tensor([[1, P, P, 2, P, P, P], [P, P, 1, 1, 1, 1, 1]])
     h, img = rand(2, 7, 2, 2, D=6, seed=2, dtype=torch.float64)
     h_t = h.transpose(0, 1).contiguous().transpose(0, 1)          # same values, other strides
-    img_f = img.float()[:, :, :, ::1]
-    assert not h_t.is_contiguous()
+    img_f = img.float().transpose(2, 3).contiguous().transpose(2, 3)   # float32 and strided
+    assert not h_t.is_contiguous() and not img_f.is_contiguous()
     out = ops.fused_splice(ids, h_t, img_f, [P, P])
     assert out.dtype == torch.float64
     assert torch.equal(out, splice_loop(ids, h, img_f, [P, P]))
