@@ -84,6 +84,32 @@ at::Tensor image_starts_cpu(const at::Tensor& input_ids_in, const at::Tensor& pa
   return starts;
 }
 
+// The walk both directions share. Row b of the output is text, image, text, ... in order:
+// `text(r, rows)` is called for each run of text positions (r: its first row in the flat (B*T, D)
+// layout; rows may be 0), `image(i, r)` for each image i = b * N + n (r: its first flat row, or -1
+// for an image without a run).
+template <typename Text, typename Image>
+static void for_each_segment(const int64_t* st, int64_t B, int64_t N, int64_t T, int64_t L, Text text, Image image) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const size_t row0 = static_cast<size_t>(b) * T;  // first row of batch row b in (B*T, D)
+      int64_t t = 0;                                   // next position of row b not yet covered
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t s = st[b * N + n];
+        const size_t i = static_cast<size_t>(b * N + n);
+        if (s == T) {
+          image(i, int64_t{-1});
+          continue;
+        }
+        text(row0 + t, s - t);
+        image(i, static_cast<int64_t>(row0 + s));
+        t = s + L;
+      }
+      text(row0 + t, T - t);
+    }
+  });
+}
+
 // out (B, T, D) = h with the placed images written in: segments of h and of the images, one memcpy each.
 at::Tensor splice_rows_cpu(const at::Tensor& h_in, const at::Tensor& images_in, const at::Tensor& starts_in) {
   TORCH_CHECK(h_in.dim() == 3, "splice_rows: h must be (B, T, D), got ", h_in.sizes());
@@ -104,20 +130,10 @@ at::Tensor splice_rows_cpu(const at::Tensor& h_in, const at::Tensor& images_in, 
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t* st = starts.const_data_ptr<int64_t>();
 
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const size_t row0 = static_cast<size_t>(b) * T;  // first row of batch row b in (B*T, D)
-      int64_t t = 0;                                   // next output position to write
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t s = st[b * N + n];
-        if (s == T) continue;
-        std::memcpy(dst + (row0 + t) * row_bytes, src_h + (row0 + t) * row_bytes, (s - t) * row_bytes);
-        std::memcpy(dst + (row0 + s) * row_bytes, src_img + static_cast<size_t>(b * N + n) * L * row_bytes,
-                    L * row_bytes);
-        t = s + L;
-      }
-      std::memcpy(dst + (row0 + t) * row_bytes, src_h + (row0 + t) * row_bytes, (T - t) * row_bytes);
-    }
+  for_each_segment(st, B, N, T, L, [&](size_t r, int64_t rows) {     // text: rows of h
+    std::memcpy(dst + r * row_bytes, src_h + r * row_bytes, rows * row_bytes);
+  }, [&](size_t i, int64_t r) {                                    // image i at flat row r
+    if (r >= 0) std::memcpy(dst + r * row_bytes, src_img + i * L * row_bytes, L * row_bytes);
   });
   return out;
 }
@@ -142,23 +158,15 @@ std::tuple<at::Tensor, at::Tensor> splice_rows_backward_cpu(const at::Tensor& gr
   char* gi = static_cast<char*>(grad_images.data_ptr());
   const int64_t* st = starts.const_data_ptr<int64_t>();
 
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const size_t row0 = static_cast<size_t>(b) * T;
-      int64_t t = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t s = st[b * N + n];
-        char* img = gi + static_cast<size_t>(b * N + n) * L * row_bytes;
-        if (s == T) {                                   // unplaced image: no gradient reaches it
-          std::memset(img, 0, L * row_bytes);
-          continue;
-        }
-        std::memcpy(gh + (row0 + t) * row_bytes, g + (row0 + t) * row_bytes, (s - t) * row_bytes);
-        std::memset(gh + (row0 + s) * row_bytes, 0, L * row_bytes);   // h's values there were replaced
-        std::memcpy(img, g + (row0 + s) * row_bytes, L * row_bytes);
-        t = s + L;
-      }
-      std::memcpy(gh + (row0 + t) * row_bytes, g + (row0 + t) * row_bytes, (T - t) * row_bytes);
+  for_each_segment(st, B, N, T, L, [&](size_t r, int64_t rows) {     // text: the gradient goes to h
+    std::memcpy(gh + r * row_bytes, g + r * row_bytes, rows * row_bytes);
+  }, [&](size_t i, int64_t r) {
+    char* img = gi + i * L * row_bytes;
+    if (r < 0) {                                                     // unplaced image: no gradient reaches it
+      std::memset(img, 0, L * row_bytes);
+    } else {
+      std::memset(gh + r * row_bytes, 0, L * row_bytes);             // h's values there were replaced
+      std::memcpy(img, g + r * row_bytes, L * row_bytes);
     }
   });
   return {grad_h, grad_images};

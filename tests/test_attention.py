@@ -77,6 +77,17 @@ def _sdpa_gqa(q, k, v):
     return out.transpose(1, 2)
 
 
+def _assert_same_with_grads(out, ref, inputs, g, tol, grad_tol):
+    """out == ref within tol, and the gradients of a random weighting of each w.r.t. inputs agree."""
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    w = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    grads = torch.autograd.grad((out * w).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * w).sum(), inputs)
+    for a, b in zip(grads, ref_grads):
+        assert a.abs().max() > 1e-3
+        torch.testing.assert_close(a, b, rtol=grad_tol, atol=grad_tol)
+
+
 @pytest.mark.parametrize("T,block,H,H_kv", [(640, 128, 8, 2), (300, 128, 6, 3), (37, 8, 4, 1), (5, 16, 2, 2),
                                             (64, 64, 4, 2)])
 def test_blocked_causal_equals_full_mask_with_grads(T, block, H, H_kv):
@@ -88,13 +99,7 @@ def test_blocked_causal_equals_full_mask_with_grads(T, block, H, H_kv):
     out = causal_attend_blocked(q, k, v, block=block)
     ref = _sdpa_gqa(q, k, v)
     assert out.shape == (2, T, H, 8)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    for a, b in zip(grads, ref_grads):
-        assert a.abs().max() > 1e-3
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    _assert_same_with_grads(out, ref, (q, k, v), g, tol=1e-10, grad_tol=1e-9)
 
 
 @pytest.mark.parametrize("T,S,H,H_kv,padded", [(1, 23, 8, 2, False), (1, 23, 8, 2, True), (5, 12, 6, 3, True),
@@ -114,13 +119,7 @@ def test_grouped_attend_equals_repeat_kv_attend_with_grads(T, S, H, H_kv, padded
     ref = attend(q.transpose(1, 2), repeat_kv(k, r).transpose(1, 2), repeat_kv(v, r).transpose(1, 2),
                  mask).transpose(1, 2)
     assert out.shape == (2, T, H, 8)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    for a, b in zip(grads, ref_grads):
-        assert a.abs().max() > 1e-3
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    _assert_same_with_grads(out, ref, (q, k, v), g, tol=1e-12, grad_tol=1e-10)
 
 
 def test_blocked_causal_bf16_close_to_float32():

@@ -10,29 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from minimind_v import ops
 from minimind_v.splice import image_starts, splice, splice_loop
-
-P = 9  # placeholder id
-
-
-def rand(B, T, N, L, D=3, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    h = (torch.randn(B, T, D, generator=g) + 5.0).to(dtype)       # text: around +5
-    img = (torch.randn(B, N, L, D, generator=g) - 5.0).to(dtype)  # images: around -5
-    return h, img
-
-
-@st.composite
-def batches(draw):
-    L = draw(st.integers(1, 4))
-    image_ids = [P] * L if draw(st.booleans()) else draw(st.lists(st.integers(5, 7), min_size=L, max_size=L))
-    B, T, N = draw(st.integers(1, 4)), draw(st.integers(1, 14)), draw(st.integers(0, 3))
-    alphabet = sorted(set(image_ids) | {1, 2})
-    rows = [draw(st.lists(st.sampled_from(alphabet), min_size=T, max_size=T)) for _ in range(B)]
-    return torch.tensor(rows), image_ids, N, draw(st.integers(0, 2**16))
+from test_splice import P, batches, rand   # the splice tests' placeholder id, random batches, vectors
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
