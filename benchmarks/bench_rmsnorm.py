@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, "
-          f"kernels from {ops.BUILD_DIR}")
+          f"kernels from {ops.load()}")
     print(f"{'shape':>12} {'dtype':>9} {'pass':>8} | {'eager':>8} {'F.rms':>8} {'fused':>8} {'floor':>8} "
           f"| {'eager/fused':>11} {'F/fused':>8} {'fused/floor':>11}   (ms)")
     for shape in a.shapes.split(","):

@@ -8,7 +8,8 @@ squares in half precision loses digits fast), and the result is cast back to the
 before the weight multiply, as Llama and MiniMind do.
 
 `RMSNorm(dim, eps, impl)` uses `rms_norm` below ("eager", raw torch ops) or the hand-written
-fused C++/CUDA op from `kernels/` ("fused", see `minimind_v.ops`).
+fused C++/CUDA op from `kernels/` ("fused", see `minimind_v.ops`). `rms_norm_backward` and
+`RMSNormFunction` are the backward derived by hand, which the fused kernels implement.
 """
 from __future__ import annotations
 
@@ -16,11 +17,57 @@ import torch
 from torch import nn
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)   # float32, or float64 for float64
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5):
+    """x (..., D), weight (D,) -> y (..., D) in promote(x, w) dtype, rstd (...) float32/float64.
+
+    rstd = 1 / sqrt(mean(x^2) + eps) is one number per row: all the backward needs besides x and w.
+    """
+    xf = x.to(_acc_dtype(x.dtype))                                   # (..., D) at least float32
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=-1) + eps)                  # (...,)
+    y = weight * (xf * rstd.unsqueeze(-1)).to(x.dtype)                # (..., D)
+    return y, rstd
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """x (..., D), weight (D,) -> (..., D) in x's dtype."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))   # (..., D) at least float32
-    inv_rms = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)   # (..., 1)
-    return weight * (xf * inv_rms).to(x.dtype)
+    """x (..., D), weight (D,) -> (..., D): y = x / sqrt(mean(x^2) + eps) * weight."""
+    return rms_norm_forward(x, weight, eps)[0]
+
+
+def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    """Gradients of y = w * x * r by hand (lesson 11): grad_y (..., D), x (..., D), weight (D,), rstd (...).
+
+    With n = x * r and dn = g * w:  dx = r * (dn - n * mean(dn * n)),  dw = sum_rows(g * n).
+    Returns dx (..., D) in x's dtype and dw (D,) in weight's dtype. The fused kernels in
+    `kernels/` implement exactly these two lines.
+    """
+    acc = _acc_dtype(x.dtype)
+    xf, g, w = x.to(acc), grad_y.to(acc), weight.to(acc)
+    r = rstd.to(acc).unsqueeze(-1)                                    # (..., 1)
+    dn = g * w                                                        # (..., D)
+    n = xf * r                                                        # (..., D)
+    dx = r * (dn - n * (dn * n).mean(dim=-1, keepdim=True))           # (..., D)
+    dw = (g * n.to(x.dtype).to(acc)).reshape(-1, x.shape[-1]).sum(0)  # (D,)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with the hand-written backward; saves x, w and rstd only.  apply(x, weight, eps)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps=1e-5):
+        y, rstd = rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(grad_y, x, weight, rstd)
+        return dx, dw, None
 
 
 class RMSNorm(nn.Module):
@@ -34,7 +81,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "fused":
-            from . import ops  # builds/loads the kernels on first use
+            from . import ops  # the kernels are built/loaded on the first call
             return ops.fused_rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 

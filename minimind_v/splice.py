@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 
-def _check(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Tensor, image_ids) -> int:
+def check_splice_args(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Tensor, image_ids) -> int:
     """Shape checks shared by both functions; returns L."""
     L = len(image_ids)
     if L == 0:
@@ -86,7 +86,7 @@ def splice_loop(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Te
     input_ids (B, T), h (B, T, D), image_embeds (B, N, L, D), image_ids: list of L ids.
     Returns a (B, T, D) tensor; `h` is not modified.
     """
-    L = _check(input_ids, h, image_embeds, image_ids)
+    L = check_splice_args(input_ids, h, image_embeds, image_ids)
     B, T, D = h.shape
     N = image_embeds.shape[1]
     image_embeds = image_embeds.to(h.dtype)
@@ -196,7 +196,7 @@ def splice(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Tensor,
     Same arguments, rules and result as `splice_loop`:
     input_ids (B, T), h (B, T, D), image_embeds (B, N, L, D), image_ids: list of L ids.
     """
-    L = _check(input_ids, h, image_embeds, image_ids)
+    L = check_splice_args(input_ids, h, image_embeds, image_ids)
     B, T, D = h.shape
     N = image_embeds.shape[1]
     image_embeds = image_embeds.to(h.dtype)

@@ -12,7 +12,9 @@ import torch
 
 from minimind_v.norm import RMSNorm, rms_norm
 
-from minimind_v import ops
+from minimind_v import kernel_build, ops
+
+ops.load()   # build the kernels now, so the internal ops (forward, backward) exist for the tests below
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12),
        torch.bfloat16: dict(atol=5e-2, rtol=2e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
@@ -215,12 +217,25 @@ def test_bad_input_errors_name_the_problem():
     assert ops.fused_rms_norm(torch.randn(3, 8), torch.ones(8)).shape == (3, 8)
 
 
+def test_import_compiles_nothing(tmp_path):
+    """`import minimind_v.ops` builds no kernel; the first fused call does (in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import minimind_v.ops as ops, minimind_v.kernel_build as kb, torch;"
+            "assert kb.BUILD_DIR is None, 'built at import';"
+            "assert hasattr(torch.ops.minimind, 'fused_rms_norm');"
+            "ops.fused_rms_norm(torch.randn(2, 4), torch.ones(4));"
+            "assert kb.BUILD_DIR is not None")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_missing_compiler_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(RuntimeError, match="no-such-compiler-xyz.*is not on PATH.*norm_impl='eager'"):
-        ops._check_toolchain(with_cuda=False)
+        kernel_build._check_toolchain(with_cuda=False)
     monkeypatch.undo()
-    ops._check_toolchain(with_cuda=False)   # the real toolchain (it built the op) passes
+    kernel_build._check_toolchain(with_cuda=False)   # the real toolchain (it built the op) passes
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),

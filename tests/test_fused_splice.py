@@ -15,6 +15,8 @@ from minimind_v import ops
 from minimind_v.splice import image_starts, splice, splice_loop
 from test_splice import P, batches, rand   # the splice tests' placeholder id, random batches, vectors
 
+ops.load()   # the internal ops (image_starts, splice_rows) exist once the kernels are loaded
+
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches())
