@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from minimind_v.config import VLMConfig
-from minimind_v.train import (FREEZE_RULES, FeatureCache, apply_freeze, autocast, forward_loss,
-                              param_groups)
+from minimind_v.distributed import autocast
+from minimind_v.features import FeatureCache
+from minimind_v.freeze import FREEZE_RULES, apply_freeze, param_groups
+from minimind_v.train import forward_loss
 from minimind_v.vlm import MiniMindVLM
 
 
@@ -42,8 +44,11 @@ def time_steps(model, batch, dtype: str, cache, steps: int, opt) -> float:
     times = []
     for i in range(steps + 1):
         t = time.perf_counter()
+        step_batch = batch
+        if cache is not None:                              # features read from the cache, no pixels
+            step_batch = {**batch, "pixel_values": None, "image_features": cache.lookup(batch["image_paths"])}
         with autocast(device, dtype):
-            loss, _ = forward_loss(model, batch, device, cache)
+            loss, _ = forward_loss(model, step_batch, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

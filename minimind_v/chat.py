@@ -1,6 +1,6 @@
 """Talking to a trained checkpoint, and scoring it: `minimind-v chat` and `minimind-v eval`.
 
-Where it sits: after training. A checkpoint directory written by `train.py` holds the model's
+Where it sits: after training. A checkpoint directory written by `train.py` (see `rundir.py`) holds the model's
 config (`config.json`), its weights (`model.pt`, or the latest `checkpoint.pt`) and its
 tokenizer (`tokenizer.model`), so it can be loaded on its own.
 
@@ -25,17 +25,8 @@ import torch
 
 from .generate import generate, stream
 from .image import preprocess
+from .rundir import load_chat_model  # noqa: F401 (chat's loader; re-exported for callers)
 from .tokenizer import IMAGE_TOKEN, Tokenizer
-from .train import TOKENIZER, load_model
-
-
-def load_chat_model(ckpt_dir, device="cpu"):
-    """A checkpoint directory -> (model in eval mode, tokenizer, config.json contents)."""
-    model, info = load_model(ckpt_dir, device)
-    tok_file = Path(ckpt_dir) / info.get("tokenizer", TOKENIZER)
-    if not tok_file.is_file():
-        raise FileNotFoundError(f"{ckpt_dir}: no tokenizer ({tok_file.name}) beside the weights")
-    return model, Tokenizer(tok_file), info
 
 
 def image_size(model) -> int:

@@ -8,7 +8,9 @@ so `minimind-v --help` stays fast and a subcommand's dependencies load only when
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 
 # subcommand -> (module, function, one-line help)
 COMMANDS = {
@@ -26,7 +28,8 @@ def usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: minimind-v COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "`minimind-v COMMAND --help` shows a command's options."]
+    lines += ["", "`minimind-v COMMAND --help` shows a command's options; --debug (or MINIMIND_V_DEBUG=1)",
+              "shows the traceback of an error."]
     return "\n".join(lines)
 
 
@@ -39,9 +42,28 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"minimind-v: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    debug = "--debug" in rest or os.environ.get("MINIMIND_V_DEBUG", "") not in ("", "0")
+    rest = [x for x in rest if x != "--debug"]
     module_name, func_name, _ = COMMANDS[name]
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        return int(func(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"minimind-v {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # Errors that bad input causes (bad data, bad files, bad arguments, a run directory in
+        # use): one message on stderr naming the file/line/key, exit status 2 (1 when training
+        # stopped itself). A traceback only with --debug or MINIMIND_V_DEBUG=1. Anything else is
+        # a bug and keeps its traceback.
+        from .rundir import RunDirError
+        from .train_state import TrainingError
+        if not isinstance(e, (ValueError, OSError, RunDirError, TrainingError)):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"minimind-v {name}: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2
 
 
 if __name__ == "__main__":

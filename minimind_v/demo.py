@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +39,8 @@ from pathlib import Path
 import torch
 
 from .config import LMConfig, VisionConfig, VLMConfig
-from .train import TrainConfig, train, write_config
+from .rundir import write_config
+from .train import TrainConfig, train
 
 # the demo's settings; --quick shrinks them to run in seconds (a smoke test, not a good model)
 FULL = dict(n_train=24000, n_test=500, pretrain_steps=120, sft_steps=4000, batch_size=64, lr=2e-3,
@@ -141,14 +141,15 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
     datasets = {split: VLMDataset(data / f"{split}_train.jsonl", data / "images", tok, max_length=128, keep_encoded=True,
                                   num_patches=cfg.num_patches, image_size=48) for split in ("pretrain", "sft")}
     common = dict(batch_size=s["batch_size"], lr=s["lr"], epochs=10 ** 6, warmup_steps=0, feature_cache=True,
-                  cache_dir=str(out / "feature_cache"), log_every=100 if not quick else 4, seed=seed)
+                  cache_dir=str(out / "feature_cache"), log_every=100 if not quick else 4, seed=seed,
+                  overwrite=True)      # the demo's folder is its own: each run replaces the last
     stages = {}
     for i, (stage, steps) in enumerate((("pretrain", s["pretrain_steps"]), ("sft", s["sft_steps"])), start=3):
         ckpt = out / stage
         write_config(ckpt, cfg, stage, tok.model_file, demo_seed=seed)
         log(f"[{i}/5] {stage}: {'captions' if stage == 'pretrain' else 'questions and answers'}, {steps} steps")
         stages[stage] = train(model, datasets[stage], collate, TrainConfig(stage=stage, max_steps=steps, **common),
-                              ckpt, log=lambda m: log("      " + m), encoder=model.image_features)
+                              ckpt, log=lambda m: log("      " + m))
         lap(stage)
 
     # 5. evaluate on held-out pictures

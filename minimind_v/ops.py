@@ -34,6 +34,8 @@ from . import kernel_build
 from .norm import RMSNormFunction, _acc_dtype, rms_norm_backward, rms_norm_forward  # noqa: F401 (re-exported)
 from .splice import check_splice_args, splice
 
+__all__ = ["fused_rms_norm", "fused_splice", "load", "RMSNormFunction", "rms_norm_forward", "rms_norm_backward"]
+
 _registered = False
 _lock = threading.Lock()
 

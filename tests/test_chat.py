@@ -15,7 +15,7 @@ from minimind_v.config import LMConfig, VisionConfig, VLMConfig
 from minimind_v.generate import generate
 from minimind_v.synthetic import answer_words, make_dataset
 from minimind_v.tokenizer import Tokenizer
-from minimind_v.train import WEIGHTS, write_config
+from minimind_v.rundir import WEIGHTS, write_config
 from minimind_v.vlm import MiniMindVLM
 
 

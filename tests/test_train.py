@@ -21,8 +21,10 @@ import torch
 
 from minimind_v.config import LMConfig
 from minimind_v.lm import MiniMindLM
-from minimind_v.train import (CHECKPOINT, METRICS, LOSS_PNG, WEIGHTS, TrainConfig, TrainingError,
-                              apply_freeze, load_state_dict, lr_at, param_groups, train)
+from minimind_v.checkpoint import load_state_dict
+from minimind_v.freeze import apply_freeze, param_groups
+from minimind_v.rundir import CHECKPOINT, LOSS_PNG, METRICS, WEIGHTS
+from minimind_v.train import TrainConfig, TrainingError, lr_at, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -290,7 +292,7 @@ def test_vlm_stage_freeze_rules(vlm_data, tmp_path, stage, learns):
     model = tiny_vlm(tok)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train(model, sets[stage], collate, TrainConfig(stage=stage, epochs=2, lr=1e-2, batch_size=8, weight_decay=0.1),
-          tmp_path, log=quiet, encoder=model.image_features)
+          tmp_path, log=quiet)
     for k, v in model.state_dict().items():
         if k.startswith(learns) and not k.startswith("lm.rope"):
             assert not torch.equal(v, before[k]), f"{stage}: {k} should have learned"
@@ -309,21 +311,21 @@ def test_feature_cache_gives_the_same_training_and_skips_the_encoder(vlm_data, t
     calls = []
     cached_model.vision_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     cached = train(cached_model, sets["sft"], collate, TrainConfig(feature_cache=True, **cfg), tmp_path / "cached",
-                   log=quiet, encoder=cached_model.image_features)
+                   log=quiet)
     assert sum(calls) == 16                             # each of the 16 pictures encoded once, for 3 epochs
-    assert sets["sft"].load_pixels                      # the dataset is handed back as it was
+    assert sets["sft"].load_pixels                      # the dataset is not changed
     torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
     assert plain.losses[-1] < plain.losses[0]
     # a second run finds the cache complete and encodes nothing
     calls.clear()
-    train(tiny_vlm(tok), sets["sft"], collate, TrainConfig(feature_cache=True, max_steps=1, **cfg),
-          tmp_path / "cached", log=quiet, encoder=cached_model.image_features)
+    train(cached_model, sets["sft"], collate, TrainConfig(feature_cache=True, max_steps=1, overwrite=True, **cfg),
+          tmp_path / "cached", log=quiet)
     assert calls == []
 
 
 def test_initialise_from_lm_weights_upstream_files_and_a_previous_stage(vlm_data, tmp_path):
     from minimind_v.checkpoint import upstream_name
-    from minimind_v.train import initialise, write_config
+    from minimind_v.rundir import initialise, write_config
 
     tok, _ = vlm_data
     source = tiny_vlm(tok, seed=1)

@@ -10,8 +10,8 @@ from torch import nn
 REFERENCE = {
     "lm_loss": "minimind_v.lm:lm_loss",
     "lr_at": "minimind_v.train:lr_at",
-    "param_groups": "minimind_v.train:param_groups",
-    "apply_freeze": "minimind_v.train:apply_freeze",
+    "param_groups": "minimind_v.freeze:param_groups",
+    "apply_freeze": "minimind_v.freeze:apply_freeze",
     "epoch_batches": "minimind_v.train:epoch_batches",
 }
 
