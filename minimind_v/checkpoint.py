@@ -4,8 +4,8 @@ Upstream MiniMind (and Hugging Face's Llama, which uses the same names) stores t
 model as `model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`,
 `model.layers.N.mlp.gate_proj.weight`, `model.layers.N.input_layernorm.weight`,
 `model.norm.weight`, `lm_head.weight`. Our modules have their own, shorter names
-(`layers.N.attn.q_proj.weight`, `layers.N.attn_norm.weight`, ...); `UPSTREAM_TO_OURS` is the
-whole translation. A MiniMind-V file adds the projector under the name our `MiniMindVLM` uses
+(`layers.N.attn.q_proj.weight`, `layers.N.attn_norm.weight`, ...); `KEY_TABLE` is the
+whole translation, read in both directions. A MiniMind-V file adds the projector under the name our `MiniMindVLM` uses
 too (`vision_proj.vision_proj.0.weight` / `.bias`) and holds no vision encoder: the CLIP
 weights come from their own file. Every load is strict: missing, unexpected and mis-shaped keys are listed
 in the error, never silently skipped. Files are read with `torch.load(weights_only=True)`,
@@ -22,36 +22,37 @@ import torch
 
 from .config import LMConfig
 
-# (upstream regex, our template); per-layer names carry the layer index through \1
-UPSTREAM_TO_OURS = [
-    (r"model\.embed_tokens\.weight", "embed_tokens.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"layers.\1.attn.\2_proj.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.ffn.\2_proj.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
+# One table, read in both directions: upstream's name <-> ours; {i} is the layer index, {p} a
+# projection name (q/k/v/o or gate/up/down).
+KEY_TABLE = [
+    ("model.embed_tokens.weight", "embed_tokens.weight"),
+    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.{i}.attn.{p}_proj.weight"),
+    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.{i}.ffn.{p}_proj.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
 ]
 
 
-# the reverse direction, only to name keys in error messages the way the file names them
-OURS_TO_UPSTREAM = [
-    (r"embed_tokens\.weight", "model.embed_tokens.weight"),
-    (r"layers\.(\d+)\.attn\.(q|k|v|o)_proj\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
-    (r"layers\.(\d+)\.ffn\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
-    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-]
+def _pattern(template: str) -> re.Pattern:
+    """'model.layers.{i}.x' -> a regex with named groups i and p."""
+    regex = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>q|k|v|o|gate|up|down)")
+    return re.compile(regex)
+
+
+def _rename(key: str, source: int) -> str | None:
+    """Translate `key` with column `source` of KEY_TABLE (0: upstream -> ours, 1: ours -> upstream)."""
+    for row in KEY_TABLE:
+        m = _pattern(row[source]).fullmatch(key)
+        if m:
+            return row[1 - source].format(**m.groupdict())
+    return None
 
 
 def upstream_name(key: str) -> str:
     """Our LM key -> upstream's name for it (unchanged if no rule matches)."""
-    for pattern, template in OURS_TO_UPSTREAM:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, template, key)
-    return key
+    return _rename(key, 1) or key
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -92,12 +93,11 @@ def translate_upstream(state: dict, source: str = "state dict") -> tuple[dict, l
     """Rename upstream LM keys to ours. Returns (ours, keys that matched no rule)."""
     ours, unknown = {}, []
     for key, value in state.items():
-        for pattern, template in UPSTREAM_TO_OURS:
-            if re.fullmatch(pattern, key):
-                ours[re.sub(pattern, template, key)] = value
-                break
-        else:
+        name = _rename(key, 0)
+        if name is None:
             unknown.append(key)
+        else:
+            ours[name] = value
     return ours, unknown
 
 

@@ -118,6 +118,32 @@ class VLMConfig:
         return [self.image_pad_id] * self.num_patches
 
     def to_dict(self) -> dict:
-        return {"lm": self.lm.to_dict(), "vision": self.vision.to_dict(),
-                "image_pad_id": self.image_pad_id, "num_patches": self.num_patches,
-                "projector": self.projector, "splice_impl": self.splice_impl}
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- named configurations
+def minimind2_v() -> VLMConfig:
+    """The real MiniMind2-V: CLIP ViT-B/16 + Linear(768, 512) + the 26M LM (the defaults)."""
+    return VLMConfig()
+
+
+def tiny_lm(vocab_size: int = 32, **overrides) -> LMConfig:
+    """A language model small enough for a unit test to train in a second (hidden 32, 2 layers)."""
+    return LMConfig(**{**dict(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                              max_seq_len=64), **overrides})
+
+
+def tiny_vision(image_size: int = 48, **overrides) -> VisionConfig:
+    """A one-layer ViT with 16 px patches (a 3x3 grid at 48 px), 32 wide."""
+    return VisionConfig(**{**dict(image_size=image_size, patch_size=16, hidden_size=32, num_layers=1, num_heads=2,
+                                  intermediate_size=64), **overrides})
+
+
+def tiny_vlm(vocab_size: int, image_pad_id: int, image_size: int = 48) -> VLMConfig:
+    """The tests' tiny VLM: `tiny_vision` + a 2-layer LM with 2 query heads sharing 1 key/value head."""
+    vision = tiny_vision(image_size)
+    return VLMConfig(lm=tiny_lm(vocab_size, num_heads=2, num_kv_heads=1, max_seq_len=128), vision=vision,
+                     image_pad_id=image_pad_id, num_patches=vision.num_patches)
+
+
+PRESETS = {"minimind2-v": minimind2_v}     # name -> a function returning the VLMConfig

@@ -11,20 +11,12 @@ import torch
 from minimind_v.chat import cli_chat, cli_eval, evaluate, load_chat_model, load_pixels, prompt_ids, reply, \
     user_message
 from minimind_v.checkpoint import atomic_save
-from minimind_v.config import LMConfig, VisionConfig, VLMConfig
+from minimind_v.config import tiny_vlm
 from minimind_v.generate import generate
 from minimind_v.synthetic import answer_words, make_dataset
 from minimind_v.tokenizer import Tokenizer
 from minimind_v.rundir import WEIGHTS, write_config
 from minimind_v.vlm import MiniMindVLM
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +26,7 @@ def checkpoint(tmp_path_factory):
     data = make_dataset(root / "data", n_train=20, n_test=12, seed=1, image_size=48)
     tok = Tokenizer.train([data / "pretrain_train.jsonl", data / "sft_train.jsonl"], root / "tok" / "t",
                           vocab_size=1000, user_defined_symbols=answer_words())
-    cfg = VLMConfig(lm=LMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                                max_seq_len=128),
-                    vision=VisionConfig(image_size=48, patch_size=16, hidden_size=32, num_layers=1, num_heads=2,
-                                        intermediate_size=64),
-                    image_pad_id=tok.image_pad_id, num_patches=9)
+    cfg = tiny_vlm(len(tok), tok.image_pad_id)
     torch.manual_seed(0)
     model = MiniMindVLM(cfg)
     with torch.no_grad():                 # larger weights than the init: varied, confident answers

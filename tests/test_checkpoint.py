@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from minimind_v.checkpoint import UPSTREAM_TO_OURS, atomic_save, load_state_dict, load_upstream, translate_upstream
+from minimind_v.checkpoint import KEY_TABLE, atomic_save, upstream_name, load_state_dict, load_upstream, translate_upstream
 from minimind_v.config import LMConfig
 from minimind_v.lm import MiniMindLM
 
@@ -15,7 +15,7 @@ TINY = dict(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_hea
 
 
 def _our_to_upstream(model: MiniMindLM) -> dict:
-    """Our state dict in upstream MiniMind's key names (the inverse of UPSTREAM_TO_OURS)."""
+    """Our state dict in upstream MiniMind's key names, spelled out independently of KEY_TABLE."""
     up = {}
     for k, v in model.state_dict().items():
         name = (k.replace("attn_norm", "input_layernorm").replace("ffn_norm", "post_attention_layernorm")
@@ -40,7 +40,8 @@ def test_key_names_are_upstreams(model):
     assert "model.layers.0.input_layernorm.weight" in up and "model.norm.weight" in up
     ours, unknown = translate_upstream(up)
     assert unknown == [] and set(ours) == set(model.state_dict())
-    assert len(UPSTREAM_TO_OURS) == 7
+    assert len(KEY_TABLE) == 7
+    assert {upstream_name(k) for k in model.state_dict()} == set(up)      # the table read backwards
 
 
 @pytest.mark.parametrize("with_lm_head", [True, False])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minimind_v.config import LMConfig
+from minimind_v import config
 from minimind_v.lm import MiniMindLM
 from minimind_v.checkpoint import load_state_dict
 from minimind_v.freeze import apply_freeze, param_groups
@@ -52,21 +52,11 @@ def collate(items):
 
 def tiny_lm(seed=0, dropout=0.0):
     torch.manual_seed(seed)
-    return MiniMindLM(LMConfig(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                               max_seq_len=64, dropout=dropout))
+    return MiniMindLM(config.tiny_lm(dropout=dropout))
 
 
 def quiet(*args, **kwargs):
     pass
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -272,15 +262,10 @@ def vlm_data(tmp_path_factory):
 
 
 def tiny_vlm(tok, seed=0):
-    from minimind_v.config import VisionConfig, VLMConfig
     from minimind_v.vlm import MiniMindVLM
 
     torch.manual_seed(seed)
-    return MiniMindVLM(VLMConfig(
-        lm=LMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, max_seq_len=128),
-        vision=VisionConfig(image_size=48, patch_size=16, hidden_size=32, num_layers=1, num_heads=2,
-                            intermediate_size=64),
-        image_pad_id=tok.image_pad_id, num_patches=9))
+    return MiniMindVLM(config.tiny_vlm(len(tok), tok.image_pad_id))
 
 
 @pytest.mark.parametrize("stage, learns", [("pretrain", ("vision_proj.", "lm.layers.1.")),

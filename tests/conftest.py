@@ -1,0 +1,19 @@
+"""Shared fixtures of the unit tests.
+
+Every test runs with one torch thread: the models here are tiny (one thread is fastest for them),
+results do not depend on how many cores the machine has, and parallel test runs do not fight over
+cores. The tests' tiny model configurations are named in `minimind_v.config` (`tiny_lm`,
+`tiny_vision`, `tiny_vlm`), so no test keeps a copy of its own.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
