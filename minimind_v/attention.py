@@ -16,11 +16,18 @@ without the copy by folding the query heads of a group into the rows of one matm
 Masks: the causal mask lets the query at absolute position p see keys 0..p. With a cache
 holding `past` earlier tokens, the T new queries sit at positions past..past+T-1, so the
 mask is `tril(ones(T, past+T), diagonal=past)`. An optional padding mask (B, S) hides pad keys.
-The softmax runs in float32. `attn_impl="sdpa"` swaps the matmul-softmax-matmul for
-`F.scaled_dot_product_attention` with the same mask (tests prove both equal); without padding
-the model passes mask=None ("just causal"): then the hand-written path goes block by block and
-group by group (`causal_attend_blocked`) and the fused kernel (is_causal) likewise skips the
-masked half.
+The softmax runs in float32.
+
+The module reads in two parts. First the plain statement that lesson 04 teaches: `repeat_kv`,
+the masks, `attend` (softmax(q k^T / sqrt(hd) + mask) v) and the `KVCache`. Then the tuned paths
+that `Attention.forward` actually runs, each proven equal to repeat_kv + `attend` by the tests:
+
+    attn_impl="manual", no padding, no cache (training, prefill)  -> causal_attend_blocked
+    attn_impl="manual", padding or tokens after a cache (decode)  -> attend_grouped
+    attn_impl="sdpa"                                              -> sdpa (F.scaled_dot_product_attention)
+
+Without padding the model passes mask=None ("just causal"): then the blocked path skips the
+masked half, and so does the fused kernel (is_causal).
 """
 from __future__ import annotations
 
@@ -40,6 +47,39 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         return x
     B, T, n_kv, hd = x.shape
     return x[:, :, :, None, :].expand(B, T, n_kv, n_rep, hd).reshape(B, T, n_kv * n_rep, hd)
+
+
+def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
+    """(T, S) bool, True where query i (absolute position S-T+i) may attend to key j."""
+    past = S - T
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def build_mask(T: int, S: int, attention_mask: torch.Tensor | None, device=None) -> torch.Tensor:
+    """Causal mask combined with an optional padding mask (B, S) of 1 = token, 0 = pad.
+
+    Returns bool (1, 1, T, S) or (B, 1, T, S), True = may attend.
+    """
+    mask = causal_mask(T, S, device)[None, None]                     # (1, 1, T, S)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, "
+                             f"but there are {S} keys (cached + new)")
+        mask = mask & attention_mask.bool()[:, None, None, :]        # (B, 1, T, S)
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Hand-written attention. q (B, H, T, hd), k/v (B, H, S, hd), mask bool (.., T, S) -> (B, H, T, hd)."""
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)       # (B, H, T, S)
+    # A large finite negative (not -inf) keeps rows that see no key at all (left pads) NaN-free.
+    # In place: the matmul's backward needs q and k, not the scores, so overwriting them is safe.
+    scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    # softmax in at least float32 (bf16 scores are upcast inside the kernel; float64 stays float64)
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    probs = F.dropout(probs, p=dropout_p, training=training)
+    return probs @ v                                                       # (B, H, T, hd)
 
 
 class KVCache:
@@ -81,37 +121,9 @@ class KVCache:
         return self.keys[layer][:, :past + T], self.values[layer][:, :past + T]
 
 
-def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
-    """(T, S) bool, True where query i (absolute position S-T+i) may attend to key j."""
-    past = S - T
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
-
-
-def build_mask(T: int, S: int, attention_mask: torch.Tensor | None, device=None) -> torch.Tensor:
-    """Causal mask combined with an optional padding mask (B, S) of 1 = token, 0 = pad.
-
-    Returns bool (1, 1, T, S) or (B, 1, T, S), True = may attend.
-    """
-    mask = causal_mask(T, S, device)[None, None]                     # (1, 1, T, S)
-    if attention_mask is not None:
-        if attention_mask.shape[-1] != S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, "
-                             f"but there are {S} keys (cached + new)")
-        mask = mask & attention_mask.bool()[:, None, None, :]        # (B, 1, T, S)
-    return mask
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-           dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Hand-written attention. q (B, H, T, hd), k/v (B, H, S, hd), mask bool (.., T, S) -> (B, H, T, hd)."""
-    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)       # (B, H, T, S)
-    # A large finite negative (not -inf) keeps rows that see no key at all (left pads) NaN-free.
-    # In place: the matmul's backward needs q and k, not the scores, so overwriting them is safe.
-    scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-    # softmax in at least float32 (bf16 scores are upcast inside the kernel; float64 stays float64)
-    probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-    probs = F.dropout(probs, p=dropout_p, training=training)
-    return probs @ v                                                       # (B, H, T, hd)
+# ---------------------------------------------------------------------------------------------
+# The tuned paths (the same results as repeat_kv + attend, less memory traffic)
+# ---------------------------------------------------------------------------------------------
 
 
 def causal_attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 128,
@@ -156,20 +168,6 @@ def causal_attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     return out.permute(0, 2, 1, 3, 4).reshape(B, T, H, hd)                          # head h = kv * r + rep
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-         dropout_p: float = 0.0) -> torch.Tensor:
-    """The same through F.scaled_dot_product_attention. mask None = plain causal: then the fused
-    kernel can skip the masked half itself (is_causal) instead of reading a (T, S) mask."""
-    T, S = q.shape[-2], k.shape[-2]
-    if mask is None and T == S:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    if mask is None and T == 1:               # one new token sees every cached key
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    if mask is None:                          # a chunk after a cache: is_causal would align top-left
-        mask = causal_mask(T, S, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-
-
 def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                    dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """`attend` for GQA without repeating K/V (same result as repeat_kv + `attend`).
@@ -193,6 +191,25 @@ def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     probs = F.dropout(probs, p=dropout_p, training=training)
     out = probs.view(B, n_kv, r * T, S) @ v                                # (B, H_kv, r*T, hd)
     return out.view(B, n_kv, r, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H, hd)   # head = kv*r + rep
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         dropout_p: float = 0.0) -> torch.Tensor:
+    """The same through F.scaled_dot_product_attention. mask None = plain causal: then the fused
+    kernel can skip the masked half itself (is_causal) instead of reading a (T, S) mask."""
+    T, S = q.shape[-2], k.shape[-2]
+    if mask is None and T == S:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if mask is None and T == 1:               # one new token sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if mask is None:                          # a chunk after a cache: is_causal would align top-left
+        mask = causal_mask(T, S, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer
+# ---------------------------------------------------------------------------------------------
 
 
 class Attention(nn.Module):

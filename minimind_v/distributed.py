@@ -41,6 +41,13 @@ def autocast(device: torch.device, dtype: str):
 
 
 # ----------------------------------------------------------------------------- RNG states
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's `random` and NumPy."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),

@@ -142,3 +142,20 @@ def collate_features(collate):
         batch["pixel_values"] = None
         return batch
     return collate_with_features
+
+
+def with_feature_cache(model, dataset, collate, folder: Path, is_main: bool = True, world: int = 1, log=print):
+    """(dataset, collate) that serve `model`'s frozen-encoder features from the cache in `folder`.
+
+    The main process builds the cache (or finds it complete and made by these very weights);
+    the others wait for it. The fingerprint covers the encoder's weights and the image size.
+    """
+    fp = FeatureCache.fingerprint_of(model.vision_encoder, image_size=getattr(dataset, "image_size", None))
+    if is_main:
+        FeatureCache.build(folder, model.image_features, dataset, fp, log=log)
+    if world > 1:
+        torch.distributed.barrier()
+    cache = FeatureCache(folder)
+    if cache.fingerprint != fp:
+        raise ValueError(f"{folder}: the feature cache was made by another encoder or other settings")
+    return CachedFeatures(dataset, cache), collate_features(collate)

@@ -31,13 +31,14 @@ import threading
 import torch
 
 from . import kernel_build
-from .norm import RMSNormFunction, _acc_dtype, rms_norm_backward, rms_norm_forward  # noqa: F401 (re-exported)
 from .splice import check_splice_args, splice
-
-__all__ = ["fused_rms_norm", "fused_splice", "load", "RMSNormFunction", "rms_norm_forward", "rms_norm_backward"]
 
 _registered = False
 _lock = threading.Lock()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)   # the statistics' dtype: float32, or float64
 
 
 def load(verbose: bool = False):

@@ -33,13 +33,11 @@ import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -48,9 +46,9 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import atomic_save
-from .distributed import autocast, rng_state, setup_distributed
+from .distributed import autocast, rng_state, seed_everything, setup_distributed
 from .freeze import FREEZE_RULES, GROUPS, apply_freeze, model_parts, param_groups
-from .features import CachedFeatures, FeatureCache, collate_features
+from .features import with_feature_cache
 from .lm import count_parameters, loss_positions
 from .plots import draw_loss_curve
 from .train_state import TrainingError, resume, save_checkpoint
@@ -271,9 +269,7 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
 
     # -- resume (before the feature cache: the cache must come from the checkpoint's encoder)
     step, metrics_path = 0, out_dir / METRICS
-    torch.manual_seed(tcfg.seed + rank)                    # dropout etc.; model init is the caller's
-    random.seed(tcfg.seed + rank)
-    np.random.seed(tcfg.seed + rank)
+    seed_everything(tcfg.seed + rank)                      # dropout etc.; model init is the caller's
     ckpt_path = out_dir / CHECKPOINT
     if tcfg.resume:
         step = resume(ckpt_path, model, optimizer, scaler, tcfg, world, rank, device, log)
@@ -287,15 +283,7 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
         if "vision" in groups:
             raise ValueError("the feature cache needs a frozen vision encoder (drop 'vision' from trainable)")
         folder = Path(tcfg.cache_dir) if tcfg.cache_dir else out_dir / "feature_cache"
-        fp = FeatureCache.fingerprint_of(parts["vision"], image_size=getattr(dataset, "image_size", None))
-        if is_main:
-            FeatureCache.build(folder, model.image_features, dataset, fp, log=log)
-        if world > 1:
-            dist.barrier()
-        cache = FeatureCache(folder)
-        if cache.fingerprint != fp:
-            raise TrainingError(f"{folder}: the feature cache was made by another encoder or other settings")
-        dataset, collate = CachedFeatures(dataset, cache), collate_features(collate)
+        dataset, collate = with_feature_cache(model, dataset, collate, folder, is_main, world, log)
 
     def checkpoint(now_step):
         nonlocal last_saved
