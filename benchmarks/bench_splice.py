@@ -3,10 +3,10 @@ of `h`, in one run.
 
 The copy `h.clone()` is the floor for any splice that returns a new tensor: every byte of `h` has
 to be read and written once. `fused` is `minimind_v.ops.fused_splice` (kernels/splice.cpp, CPU),
-which writes every output row once; its column is empty where the kernel cannot be built. `splice_loop` keeps the seed's cost structure (a host
-synchronisation per row, a `torch.cat` per run, a `torch.stack` at the end); `seed` is the seed's
-`count_vision_proj` itself, transcribed below (projection already applied), with its `.item()`
-per match.
+which writes every output row once; its column is empty where the kernel cannot be built.
+`splice_loop` keeps upstream's cost structure (a host synchronisation per row, a `torch.cat` per
+run, a `torch.stack` at the end); `upstream` is upstream MiniMind-V's `count_vision_proj` itself
+(tests/upstream_splice.py, projection already applied), with its `.item()` per match.
 
     python benchmarks/bench_splice.py                          # CPU, B in {1, 16, 64}, T=640, D=512
     python benchmarks/bench_splice.py --threads 1 --clock thread   # CPU time of this thread only
@@ -14,16 +14,21 @@ per match.
 
 `--clock thread` (CPU only, with one thread) counts only the time this thread ran, so other
 processes on a shared machine disturb it less than the wall clock.
-Prints the best time of each and the ratios splice/copy, fused/copy, loop/splice and seed/splice.
+Prints the best time of each and the ratios splice/copy, fused/copy, loop/splice and upstream/splice.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from minimind_v.splice import splice, splice_loop
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from upstream_splice import upstream_count_vision_proj  # noqa: E402  (the one transcription of upstream's)
 
 try:                                    # the fused kernel needs a C++ compiler (minimind_v.ops builds it)
     from minimind_v.ops import fused_splice
@@ -31,27 +36,6 @@ except RuntimeError as e:
     fused_splice, FUSED_ERROR = None, str(e)
 
 
-def seed_count_vision_proj(tokens, h, vision_proj, image_ids):
-    """The seed's function as published (its `self.vision_proj` already applied, seqlen = T)."""
-    L = len(image_ids)
-    pattern = torch.tensor(image_ids).to(tokens.device)
-    matches = (tokens.unfold(1, L, 1) == pattern).all(dim=2)
-    found = {b: [(i.item(), i.item() + L - 1) for i in matches[b].nonzero(as_tuple=True)[0]]
-             for b in range(tokens.size(0)) if matches[b].any()} or None
-    if not found:
-        return h
-    rows = []
-    for b in range(h.size(0)):
-        if b in found:
-            row, n = h[b], 0
-            for start, end in found[b]:
-                if n < vision_proj.size(1):
-                    row = torch.cat((row[:start], vision_proj[b][n], row[end + 1:]), dim=0)[:tokens.size(1)]
-                    n += 1
-            rows.append(row)
-        else:
-            rows.append(h[b])
-    return torch.stack(rows, dim=0)
 
 
 def make_batch(B: int, T: int, D: int, L: int, n_images: int, pad_id: int, device, seed: int = 0):
@@ -120,14 +104,14 @@ def main(argv=None) -> int:
           f"clock={args.clock} torch={torch.__version__}")
     if fused_splice is None:
         print(f"fused kernel not built, its columns are empty: {FUSED_ERROR}")
-    print(f"{'B':>4} {'imgs':>4} {'copy ms':>9} {'splice ms':>10} {'fused ms':>9} {'loop ms':>9} {'seed ms':>9} "
-          f"{'splice/copy':>12} {'fused/copy':>11} {'loop/splice':>12} {'seed/splice':>12}")
+    print(f"{'B':>4} {'imgs':>4} {'copy ms':>9} {'splice ms':>10} {'fused ms':>9} {'loop ms':>9} {'upstr ms':>9} "
+          f"{'splice/copy':>12} {'fused/copy':>11} {'loop/splice':>12} {'upstr/splice':>12}")
     for B in args.batch:
         for n in args.images:
             ids, h, img = make_batch(B, args.T, args.D, args.L, n, pad, args.device)
             want = splice_loop(ids, h, img, image_ids)
             assert torch.equal(splice(ids, h, img, image_ids), want)
-            assert torch.equal(seed_count_vision_proj(ids, h, img, image_ids), want)
+            assert torch.equal(upstream_count_vision_proj(ids, h, img, image_ids), want)
             t_copy = timeit(lambda: h.clone(), args.device, args.repeat, clock=clock)
             t_fast = timeit(lambda: splice(ids, h, img, image_ids), args.device, args.repeat, clock=clock)
             t_fused = float("nan")
@@ -135,12 +119,12 @@ def main(argv=None) -> int:
                 assert torch.equal(fused_splice(ids, h, img, image_ids), want)
                 t_fused = timeit(lambda: fused_splice(ids, h, img, image_ids), args.device, args.repeat, clock=clock)
             t_loop = timeit(lambda: splice_loop(ids, h, img, image_ids), args.device, args.repeat, clock=clock)
-            t_seed = timeit(lambda: seed_count_vision_proj(ids, h, img, image_ids), args.device, args.repeat,
+            t_upstream = timeit(lambda: upstream_count_vision_proj(ids, h, img, image_ids), args.device, args.repeat,
                             clock=clock)
             print(f"{B:>4} {n:>4} {t_copy * 1e3:>9.3f} {t_fast * 1e3:>10.3f} {t_fused * 1e3:>9.3f} "
-                  f"{t_loop * 1e3:>9.3f} {t_seed * 1e3:>9.3f} {t_fast / t_copy:>11.2f}x "
+                  f"{t_loop * 1e3:>9.3f} {t_upstream * 1e3:>9.3f} {t_fast / t_copy:>11.2f}x "
                   f"{t_fused / t_copy:>10.2f}x {t_loop / t_fast:>11.2f}x "
-                  f"{t_seed / t_fast:>11.2f}x")
+                  f"{t_upstream / t_fast:>11.2f}x")
     return 0
 
 

@@ -9,7 +9,7 @@ image; the result goes into the transformer blocks as if it were ordinary token 
 
 Two implementations with the same arguments and the same result:
 
-- `splice_loop`: the reference. The seed's algorithm written out plainly: find every window that
+- `splice_loop`: the reference. Upstream MiniMind-V's algorithm (its `count_vision_proj`) written out plainly: find every window that
   matches the placeholder ids, then walk the rows one by one in Python and rebuild each row with
   `torch.cat` around each run. Easy to check by eye, slow: per-row Python work, a host
   synchronisation per row (`.tolist()` on a GPU tensor waits for the device), a new row per run.
@@ -23,12 +23,12 @@ The rules both follow (the contract):
 - A run is L consecutive ids equal to `image_ids`. Runs are taken greedily left to right and never
   overlap: after a run at position s the search resumes at s + L, exactly like `str.replace`. So a
   block of 2L placeholder ids is two images back to back, and a block of L + 3 is one image followed
-  by 3 placeholder ids that stay text. (The seed matched a window at *every* offset; for overlapping
-  windows it pasted image n+1 one position after image n, over it. Where no windows overlap, the
-  seed and these functions agree.)
+  by 3 placeholder ids that stay text. (Upstream matched a window at *every* offset; for overlapping
+  windows it pasted image n+1 one position after image n, over it. Where no windows overlap,
+  upstream and these functions agree.)
 - The n-th run of a row receives the row's image n. Runs beyond the N images stay text.
 - A partial run cut by the end of the row is not a match: it stays text.
-- Every replacement swaps L positions for L vectors, so each row keeps its length T (the seed's
+- Every replacement swaps L positions for L vectors, so each row keeps its length T (upstream's
   "truncate to the row length" never cuts anything).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def find_matches(input_ids: torch.Tensor, image_ids) -> torch.Tensor:
     """(B, T) ids -> (B, T - L + 1) bool: True where the window starting there equals `image_ids`.
 
     Windows overlap, so a block of L + 1 placeholders matches at two offsets.
-    General pattern: the seed's sliding window, `unfold` views every length-L window without
+    General pattern: upstream's sliding window, `unfold` views every length-L window without
     copying and compares it with the pattern, O(T * L) work. One repeated id (the usual case, 196
     copies of the image-pad id): a window matches when it holds L placeholders, which a running
     count gives in O(T): count[s + L] - count[s] == L.
@@ -92,7 +92,7 @@ def splice_loop(input_ids: torch.Tensor, h: torch.Tensor, image_embeds: torch.Te
     image_embeds = image_embeds.to(h.dtype)
     if T < L:                                           # no window fits in the row
         return h.clone()
-    # the seed's sliding window: compare every length-L window with the pattern
+    # upstream's sliding window: compare every length-L window with the pattern
     pattern = torch.tensor(image_ids, dtype=input_ids.dtype, device=input_ids.device)  # (L,)
     matches = (input_ids.unfold(1, L, 1) == pattern).all(dim=-1)                      # (B, T - L + 1)
     rows = []

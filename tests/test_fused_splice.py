@@ -1,6 +1,6 @@
 """The fused splice kernel (kernels/splice.cpp + minimind_v.ops.fused_splice) against the references.
 
-`splice_loop` (the seed's algorithm) is the trusted reference for the values and `splice` (torch
+`splice_loop` (upstream MiniMind-V's algorithm, written plainly) is the trusted reference for the values and `splice` (torch
 autograd through index ops) for the gradients: both are pure copies, so results must be bitwise
 equal. The op must also pass torch.library.opcheck and gradcheck, trace under
 torch.compile(fullgraph=True), and reject inconsistent starts with a message that names them.

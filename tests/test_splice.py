@@ -1,7 +1,7 @@
-"""splice (vectorized) == splice_loop (reference) == the seed's algorithm where the seed is defined.
+"""splice (vectorized) == splice_loop (reference) == upstream MiniMind-V's algorithm where it is defined.
 
-The seed's `count_vision_proj` is transcribed below as the outside reference: on inputs where no
-two matching windows overlap, all three agree. Where windows overlap, the seed pastes images over
+Upstream's `count_vision_proj` (transcribed in tests/upstream_splice.py) is the outside reference:
+on inputs where no two matching windows overlap, all three agree. Where windows overlap, upstream pastes images over
 each other and our contract (greedy left-to-right, non-overlapping runs) takes over; there the
 two functions must agree with each other and with hand-built expected outputs.
 """
@@ -13,31 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minimind_v.splice import find_matches, select_runs, splice, splice_loop
+from upstream_splice import upstream_count_vision_proj
 
 
-def seed_count_vision_proj(tokens, h, vision_proj, image_ids):
-    """The seed's algorithm, transcribed (projection already applied, seqlen = row length)."""
-    L = len(image_ids)
-    if L > tokens.size(1):
-        return h
-    pattern = torch.tensor(image_ids, device=tokens.device)
-    matches = (tokens.unfold(1, L, 1) == pattern).all(dim=2)
-    found = {b: [(i.item(), i.item() + L - 1) for i in matches[b].nonzero(as_tuple=True)[0]]
-             for b in range(tokens.size(0)) if matches[b].any()}
-    if not found:
-        return h
-    rows = []
-    for b in range(h.size(0)):
-        if b in found:
-            row, n = h[b], 0
-            for start, end in found[b]:
-                if n < vision_proj.size(1):
-                    row = torch.cat((row[:start], vision_proj[b][n], row[end + 1:]), dim=0)[:tokens.size(1)]
-                    n += 1
-            rows.append(row)
-        else:
-            rows.append(h[b])
-    return torch.stack(rows, dim=0)
 
 
 def windows_overlap(input_ids, image_ids) -> bool:
@@ -87,7 +65,7 @@ def test_several_images_per_row_and_rows_without_images():
     h, img = rand(3, 10, 2, 3)
     out = both(ids, h, img, [P] * 3)
     assert torch.equal(out, expected(h, img, [(0, 1, 0), (0, 6, 1), (2, 0, 0), (2, 7, 1)]))
-    assert torch.equal(out, seed_count_vision_proj(ids, h, img, [P] * 3))
+    assert torch.equal(out, upstream_count_vision_proj(ids, h, img, [P] * 3))
 
 
 def test_fewer_images_than_runs_extra_runs_stay_text():
@@ -96,7 +74,7 @@ def test_fewer_images_than_runs_extra_runs_stay_text():
     out = both(ids, h, img, [P, P])
     assert torch.equal(out, expected(h, img, [(0, 0, 0), (0, 3, 1)]))
     assert torch.equal(out[0, 6:8], h[0, 6:8])
-    assert torch.equal(out, seed_count_vision_proj(ids, h, img, [P, P]))
+    assert torch.equal(out, upstream_count_vision_proj(ids, h, img, [P, P]))
 
 
 def test_more_images_than_runs_extra_images_unused():
@@ -115,15 +93,15 @@ def test_run_cut_by_the_end_of_the_row_stays_text():
 
 
 def test_overlong_block_is_one_image_then_text():
-    # L + 3 placeholders: one run, the 3 left over stay text (the seed matched at 4 offsets)
+    # L + 3 placeholders: one run, the 3 left over stay text (upstream matched at 4 offsets)
     ids = torch.tensor([[1] + [P] * 7 + [2, 2]])
     h, img = rand(1, 10, 3, 4)
     out = both(ids, h, img, [P] * 4)
     assert torch.equal(out, expected(h, img, [(0, 1, 0)]))
     assert torch.equal(out[0, 5:8], h[0, 5:8])
-    # where the seed differs: it pastes image 1 one step after image 0, over it
-    seed = seed_count_vision_proj(ids, h, img, [P] * 4)
-    assert not torch.equal(seed, out)
+    # where upstream differs: it pastes image 1 one step after image 0, over it
+    upstream = upstream_count_vision_proj(ids, h, img, [P] * 4)
+    assert not torch.equal(upstream, out)
 
 
 def test_adjacent_images_are_two_runs():
@@ -200,9 +178,9 @@ def test_splice_equals_splice_loop_on_random_batches(case):
     # every position holds either its own text vector or an image vector (images are < 0, text > 0)
     is_img = (out < 0).all(-1)
     assert torch.equal(out[~is_img], h[~is_img])
-    # and where no windows overlap, the seed agrees too
+    # and where no windows overlap, upstream agrees too
     if not windows_overlap(ids, image_ids):
-        assert torch.equal(out, seed_count_vision_proj(ids, h, img, image_ids))
+        assert torch.equal(out, upstream_count_vision_proj(ids, h, img, image_ids))
 
 
 def test_select_runs_is_greedy_left_to_right():
