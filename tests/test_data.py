@@ -321,3 +321,41 @@ def test_samples_keep_the_record_and_its_extra_keys(shapes, tok):
         assert sample.images == [shapes / "images" / rec["image"]]
         assert sample.extra == {key: v for key, v in rec.items() if key not in ("conversations", "image")}
         assert {"qtype", "lang"} <= set(sample.extra)
+
+
+def test_text_only_and_mixed_batches_train():
+    """collate's (B, 0, 3, S, S) for a text-only batch goes through the VLM as the LM alone would;
+    a batch mixing rows with and without a picture gives a finite loss and gradients."""
+    import torch.nn.functional as F
+    from test_vlm import PAD, P, tiny_model
+
+    model = tiny_model()
+    S = model.cfg.vision.image_size
+
+    def item(ids, labels, n_images, seed=0):
+        pixels = torch.randn(n_images, 3, S, S, generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
+                "image_paths": [f"{seed}.png"] * n_images}
+
+    def loss(logits, labels):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+    text = [item([1, 2, 3, 4, 6], [IGNORE, IGNORE, 3, 4, 6], 0), item([7, 8, 9], [IGNORE, 8, 9], 0)]
+    batch = collate(text)
+    assert batch["pixel_values"].shape == (2, 0, 3, S, S)
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(logits, model.lm(batch["input_ids"], attention_mask=batch["attention_mask"]),
+                               rtol=0, atol=0)
+    assert torch.isfinite(loss(logits, batch["labels"]))
+
+    with_image = item([1] + [PAD] * P + [2, 3], [IGNORE] * (1 + P) + [2, 3], 1, seed=1)
+    batch = collate([text[0], with_image, text[1]])
+    assert batch["pixel_values"].shape == (3, 1, 3, S, S)
+    model.train()
+    value = loss(model(batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"]), batch["labels"])
+    value.backward()
+    assert torch.isfinite(value)
+    proj = model.vision_proj.vision_proj[0].weight.grad
+    assert proj is not None and proj.abs().sum() > 0                    # the picture's row reaches the projector
+    assert model.lm.embed_tokens.weight.grad.abs().sum() > 0
