@@ -18,8 +18,9 @@ Alpha, a choice (`alpha=` of `to_rgb` and `preprocess`):
   CLIPImageProcessor does (a transparent logo becomes a logo on white, not on black);
 - "drop": the alpha band is ignored and the stored colours kept, which is PIL's
   `image.convert("RGB")`. Upstream MiniMind-V does exactly this to RGBA and LA pictures before
-  its processor, so "drop" reproduces its training inputs on them (on an RGBA photo the two choices
-  differ by up to 3.65 in normalized units wherever a pixel is see-through).
+  its processor, so "drop" reproduces its training inputs on them. The two choices differ wherever
+  a pixel is see-through, by up to 1 / std = 3.8 in normalized units (3.65 measured on an RGBA
+  picture).
 
 More than 8 bits per sample: Pillow's own `convert("RGB")` clips 16-bit, 32-bit and float samples
 to 0..255, which turns an ordinary 16-bit greyscale PNG solid white. `to_rgb` scales them instead,
