@@ -122,7 +122,8 @@ class MiniMindVLM(nn.Module):
         Images, given as pixel_values (B, N, 3, S, S) (or (B, 3, S, S) for one each) or as the
         encoder's image_features (B, N, P, Dv) (e.g. from a cache), are spliced in at prefill:
         the n-th run of `image_ids` in row b becomes image (b, n). A decode step (the cache already
-        holds tokens) takes text only. `logits_at` (B, T) bool: logits at those positions only, (K, V).
+        holds tokens) takes text only, and so does a batch with no images (N = 0): its logits are the
+        LM's on the same ids. `logits_at` (B, T) bool: logits at those positions only, (K, V).
         """
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass pixel_values or image_features, not both")
@@ -137,6 +138,9 @@ class MiniMindVLM(nn.Module):
                     image_features is not None and image_features.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"{input_ids.shape[0]} rows of input_ids but images for "
                                  f"{(pixel_values if pixel_values is not None else image_features).shape[0]}")
+            n_images = (pixel_values if pixel_values is not None else image_features).shape[1]
+            if n_images == 0:       # a text-only batch (collate gives (B, 0, 3, S, S)): nothing to splice
+                return self.lm.forward_embeds(h, kv_cache, attention_mask, logits_at)
             vectors = self.image_embeds(pixel_values, image_features)   # (B, N, P, D)
             if self.cfg.splice_impl == "fused":
                 from .ops import fused_splice  # builds/loads the kernels on first use

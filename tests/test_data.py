@@ -1,4 +1,4 @@
-"""VLMDataset and collate: the seed's records parse, labels cover exactly the assistant replies,
+"""VLMDataset and collate: upstream MiniMind-V's records parse, labels cover exactly the assistant replies,
 truncation never splits an image, and every kind of bad record is reported or counted."""
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from minimind_v.data import IGNORE, BadRecord, VLMDataset, collate, truncate
+from minimind_v.data import IGNORE, SHOWN_SKIPS, BadRecord, Sample, VLMDataset, collate, truncate
 from minimind_v.image import preprocess
 from minimind_v.synthetic import answer_words, make_dataset
 from minimind_v.tokenizer import EOS, IMAGE_PAD, Tokenizer
 
-SEED_RECORDS = [   # the two example records of the seed's notes, verbatim
+UPSTREAM_RECORDS = [   # the two example records of upstream MiniMind-V's dataset notes, verbatim
     {"conversations": [{"role": "user", "content": "提供给定图像的简要描述。\n<image>"},
                        {"role": "assistant", "content": "橄榄油是自由使用的健康成分。"}],
      "image": "GCC_train_002582585.jpg"},
@@ -45,8 +45,8 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory, shapes):
     tmp = tmp_path_factory.mktemp("tok")
-    seed = write_jsonl(tmp / "seed.jsonl", SEED_RECORDS * 5)
-    return Tokenizer.train([shapes / "sft_train.jsonl", shapes / "pretrain_train.jsonl", seed], tmp / "t",
+    upstream = write_jsonl(tmp / "upstream.jsonl", UPSTREAM_RECORDS * 5)
+    return Tokenizer.train([shapes / "sft_train.jsonl", shapes / "pretrain_train.jsonl", upstream], tmp / "t",
                            vocab_size=480, user_defined_symbols=answer_words())
 
 
@@ -68,12 +68,12 @@ def check_item(item, tok, messages, num_patches):
     assert item["pixel_values"].shape[0] == n_images == len(item["image_paths"])
 
 
-def test_seed_records_parse(tmp_path, tok):
-    for r in SEED_RECORDS:
+def test_upstream_records_parse(tmp_path, tok):
+    for r in UPSTREAM_RECORDS:
         picture(tmp_path / r["image"], size=(300, 200))
-    ds = VLMDataset(write_jsonl(tmp_path / "seed.jsonl", SEED_RECORDS), tmp_path, tok, max_length=640)
+    ds = VLMDataset(write_jsonl(tmp_path / "upstream.jsonl", UPSTREAM_RECORDS), tmp_path, tok, max_length=640)
     assert len(ds) == 2
-    for i, r in enumerate(SEED_RECORDS):
+    for i, r in enumerate(UPSTREAM_RECORDS):
         item = ds[i]
         check_item(item, tok, r["conversations"], 196)
         assert item["pixel_values"].shape == (1, 3, 224, 224)
@@ -121,7 +121,15 @@ def test_truncation_never_splits_an_image(tmp_path, tok):
                              {"role": "assistant", "content": "two circles"}], "image": ",".join(names)}
     full = VLMDataset(write_jsonl(tmp_path / "t.jsonl", [rec]), tmp_path, tok, 10_000, 5, 16)[0]
     T = len(full["input_ids"])
+    first_reply = int((full["labels"] != IGNORE).nonzero()[0])
     for max_length in range(1, T + 3):
+        kept = truncate(full["input_ids"].tolist(), [False] * T, max_length, tok.image_pad_id, 5)[0]
+        if len(kept) <= first_reply:         # nothing left to learn: the record is skipped, and said so
+            with pytest.raises(ValueError, match=rf"no usable records.*1 reply cut away by max_length.*"
+                                                 rf"t\.jsonl:1: the first reply token is at position {first_reply}, "
+                                                 rf"past max_length={max_length}"):
+                VLMDataset(tmp_path / "t.jsonl", tmp_path, tok, max_length, 5, 16)
+            continue
         item = VLMDataset(tmp_path / "t.jsonl", tmp_path, tok, max_length, 5, 16)[0]
         ids = item["input_ids"].tolist()
         assert len(ids) <= max_length
@@ -171,9 +179,9 @@ BAD = {   # case -> (record or raw line, reason counted when skipped, what the e
     "no content": ({"conversations": [{"role": "user"}], "image": "ok.png"}, "missing key", "turn 0: missing key 'content'"),
     "no role": ({"conversations": [{"content": "hi"}]}, "missing key", "turn 0: missing key 'role'"),
     "no image key": (user_assistant(image=None), "missing key", "missing key 'image'"),
-    "image missing": (user_assistant(image="nope.png"), "image missing", "nope.png not found"),
-    "image corrupt": (user_assistant(image="corrupt.png"), "image unreadable", "corrupt.png cannot be read"),
-    "image truncated": (user_assistant(image="truncated.png"), "image unreadable", "truncated.png cannot be read"),
+    "image missing": (user_assistant(image="nope.png"), "image missing", "nope.png: not found; expected"),
+    "image corrupt": (user_assistant(image="corrupt.png"), "image unreadable", "corrupt.png: cannot be read as a picture"),
+    "image truncated": (user_assistant(image="truncated.png"), "image unreadable", "truncated.png: cannot be decoded"),
     "more <image>": (user_assistant(q="<image>and<image>"), "image count mismatch", "2 <image> placeholder(s) but 1 image"),
     "fewer <image>": (user_assistant(q="no picture"), "image count mismatch", "0 <image> placeholder(s) but 1 image"),
     "empty turns": ({"conversations": [], "image": "ok.png"}, "bad turns", "non-empty list"),
@@ -262,4 +270,92 @@ def test_keep_encoded_gives_the_same_items_and_encodes_once(shapes, tok, monkeyp
             a, b = plain[i], kept[i]
             assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
             assert a["image_paths"] == b["image_paths"]
-    assert len(calls) == 2 * len(plain) + len(kept)      # plain encodes every time, kept only once
+    assert len(calls) == 2 * len(plain)                  # plain encodes every time, kept only at load time
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line(bad_folder, tok):
+    good = json.dumps(user_assistant(), ensure_ascii=False).encode()
+    latin1 = json.dumps(user_assistant(a="café"), ensure_ascii=False).encode("utf-8").replace("é".encode(), b"\xe9")
+    path = bad_folder / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + latin1 + b"\n" + good + b"\n")
+    with pytest.raises(BadRecord, match=rf"^{re.escape(str(path))}:2: bytes b'\\xe9' at byte \d+ of the line "
+                                        r"are not UTF-8 .*; expected UTF-8 text"):
+        VLMDataset(path, bad_folder, tok, max_length=64, num_patches=4, image_size=16)
+    with pytest.warns(UserWarning, match=r"kept 2 of 3 records; skipped 1 not UTF-8; the first 1: .*latin1\.jsonl:2: "):
+        ds = VLMDataset(path, bad_folder, tok, max_length=64, num_patches=4, image_size=16, skip_bad=True)
+    assert [s.lineno for s in ds.samples] == [1, 3] and dict(ds.skipped) == {"not UTF-8": 1}
+
+
+def test_summary_shows_the_first_skipped_lines_with_reasons(bad_folder, tok):
+    lines = [user_assistant()] + ["{bad"] * 7
+    path = write_jsonl(bad_folder / "many.jsonl", lines)
+    with pytest.warns(UserWarning) as record:
+        ds = VLMDataset(path, bad_folder, tok, 64, 4, 16, skip_bad=True)
+    text = str(record[0].message)
+    assert text == ds.summary()
+    for lineno in range(2, 2 + SHOWN_SKIPS):
+        assert f"{path}:{lineno}: malformed JSON" in text
+    assert f"{path}:{2 + SHOWN_SKIPS}:" not in text and len(ds.bad_lines) == 7     # all kept, a few shown
+
+
+def test_records_whose_reply_is_cut_away_are_reported_and_skipped(bad_folder, tok):
+    long_question = "What colour is the circle in this picture? " * 20 + "<image>"
+    lines = [user_assistant(a="red"), user_assistant(q=long_question, a="blue"), user_assistant(a="green")]
+    path = write_jsonl(bad_folder / "long.jsonl", lines)
+    with pytest.warns(UserWarning, match=r"kept 2 of 3 records; skipped 1 reply cut away by max_length; "
+                                         r"the first 1: .*long\.jsonl:2: the first reply token is at position \d+, "
+                                         r"past max_length=64"):
+        ds = VLMDataset(path, bad_folder, tok, max_length=64, num_patches=4, image_size=16)   # even without skip_bad
+    assert [s.lineno for s in ds.samples] == [1, 3]
+    batch = collate([ds[0], ds[1]])
+    assert ((batch["labels"] != IGNORE).sum(1) > 0).all()          # every row has something to learn
+
+
+def test_samples_keep_the_record_and_its_extra_keys(shapes, tok):
+    ds = VLMDataset(shapes / "sft_test.jsonl", shapes / "images", tok, 256, num_patches=9, image_size=48)
+    recs = [json.loads(line) for line in open(shapes / "sft_test.jsonl", encoding="utf-8")]
+    assert len(ds.samples) == len(recs)
+    for k, (sample, rec) in enumerate(zip(ds.samples, recs)):
+        assert isinstance(sample, Sample) and sample.lineno == k + 1
+        assert sample.messages == rec["conversations"]
+        assert sample.images == [shapes / "images" / rec["image"]]
+        assert sample.extra == {key: v for key, v in rec.items() if key not in ("conversations", "image")}
+        assert {"qtype", "lang"} <= set(sample.extra)
+
+
+def test_text_only_and_mixed_batches_train():
+    """collate's (B, 0, 3, S, S) for a text-only batch goes through the VLM as the LM alone would;
+    a batch mixing rows with and without a picture gives a finite loss and gradients."""
+    import torch.nn.functional as F
+    from test_vlm import PAD, P, tiny_model
+
+    model = tiny_model()
+    S = model.cfg.vision.image_size
+
+    def item(ids, labels, n_images, seed=0):
+        pixels = torch.randn(n_images, 3, S, S, generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
+                "image_paths": [f"{seed}.png"] * n_images}
+
+    def loss(logits, labels):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+    text = [item([1, 2, 3, 4, 6], [IGNORE, IGNORE, 3, 4, 6], 0), item([7, 8, 9], [IGNORE, 8, 9], 0)]
+    batch = collate(text)
+    assert batch["pixel_values"].shape == (2, 0, 3, S, S)
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(logits, model.lm(batch["input_ids"], attention_mask=batch["attention_mask"]),
+                               rtol=0, atol=0)
+    assert torch.isfinite(loss(logits, batch["labels"]))
+
+    with_image = item([1] + [PAD] * P + [2, 3], [IGNORE] * (1 + P) + [2, 3], 1, seed=1)
+    batch = collate([text[0], with_image, text[1]])
+    assert batch["pixel_values"].shape == (3, 1, 3, S, S)
+    model.train()
+    value = loss(model(batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"]), batch["labels"])
+    value.backward()
+    assert torch.isfinite(value)
+    proj = model.vision_proj.vision_proj[0].weight.grad
+    assert proj is not None and proj.abs().sum() > 0                    # the picture's row reaches the projector
+    assert model.lm.embed_tokens.weight.grad.abs().sum() > 0

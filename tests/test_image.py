@@ -3,6 +3,10 @@
 The reference is transformers' PIL/numpy CLIP processor (`CLIPImageProcessorPil`, which is what
 `CLIPImageProcessor` resolves to without torchvision): the same algorithm as OpenAI's CLIP
 transform. Images are random, in many sizes, aspect ratios and PIL modes.
+
+One deliberate difference: the reference clips 16-bit samples to 0..255 (Pillow's own
+`convert("RGB")`, which makes a 16-bit greyscale PNG solid white); ours scales them from 0..65535.
+For I;16 the reference is therefore given the same samples already scaled to 8 bits.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def random_image(mode: str, width: int, height: int, rng: np.random.Generator) -
         pal.info["transparency"] = 3          # palette index 3 is see-through
         return pal
     if mode == "I;16":
-        img16 = Image.fromarray(rng.integers(0, 400, (height, width), dtype=np.uint16))
+        img16 = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
         assert img16.mode == "I;16"
         return img16
     return img.convert(mode)                  # L, CMYK, 1, YCbCr
@@ -69,7 +73,10 @@ def test_preprocess_equals_clip_image_processor(mode):
     rng = np.random.default_rng(sum(map(ord, mode)))
     for width, height in SIZES:
         image = random_image(mode, width, height, rng)
-        ours, ref = preprocess(image), reference(image)
+        same_in_8_bits = image
+        if mode == "I;16":       # the reference clips; give it the samples scaled as ours are
+            same_in_8_bits = Image.fromarray(np.rint(np.asarray(image) / 257).astype(np.uint8), "L")
+        ours, ref = preprocess(image), reference(same_in_8_bits)
         assert ours.shape == (3, 224, 224) and ours.dtype == torch.float32
         assert ours.std() > 0.1 or (width, height) == (1, 1)        # non-trivial values
         diff = (ours - ref).abs().max().item()
