@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .generate import generate, stream
-from .image import preprocess
+from .image import read_pixels
 from .rundir import load_chat_model  # noqa: F401 (chat's loader; re-exported for callers)
 from .tokenizer import IMAGE_TOKEN, Tokenizer
 
@@ -38,16 +38,8 @@ def num_patches(model) -> int:
 
 
 def load_pixels(paths, size: int) -> torch.Tensor:
-    """Image files -> (N, 3, size, size), preprocessed as in training."""
-    from PIL import Image
-
-    out = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"image {p} not found")
-        with Image.open(p) as im:
-            out.append(preprocess(im, size))
-    return torch.stack(out)
+    """Image files -> (N, 3, size, size), decoded and preprocessed as in training (errors name the file)."""
+    return torch.stack([read_pixels(p, size) for p in paths])
 
 
 def prompt_ids(tok: Tokenizer, messages: list[dict], n_patches: int) -> list[int]:
@@ -98,16 +90,13 @@ def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None,
     Returns {"accuracy", "correct", "total", "by_type": {qtype: (correct, total)}, "examples": [...]},
     examples being (image paths, question, reference, prediction) for every record.
     """
-    import json
-
     from .data import VLMDataset
 
     ds = VLMDataset(jsonl, image_root, tok, max_length=10 ** 9, num_patches=num_patches(model),
                     image_size=image_size(model), check_images=False)
-    lines = Path(jsonl).read_text(encoding="utf-8").splitlines()
     samples = ds.samples[:limit] if limit else ds.samples
     groups = defaultdict(list)                       # prompt length -> records (no padding within a batch)
-    for k, (lineno, messages, images) in enumerate(samples):
+    for k, (lineno, messages, images, _) in enumerate(samples):
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{jsonl}:{lineno}: the last turn must be the assistant's reference reply")
         ids = prompt_ids(tok, messages[:-1], num_patches(model))
@@ -125,9 +114,9 @@ def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None,
                 row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
                 predictions[it[0]] = tok.decode(row)
     correct, by_type, examples = 0, defaultdict(lambda: [0, 0]), []
-    for k, (lineno, messages, images) in enumerate(samples):
+    for k, (lineno, messages, images, extra) in enumerate(samples):
         ref, pred = messages[-1]["content"].strip(), predictions[k].strip()
-        qtype = json.loads(lines[lineno - 1]).get("qtype", "all")
+        qtype = extra.get("qtype", "all")
         hit = pred == ref
         correct += hit
         by_type[qtype][0] += hit
@@ -139,6 +128,17 @@ def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None,
 
 
 # ----------------------------------------------------------------------------- command line
+def check_sampling(parser, a) -> None:
+    """Refuse sampling settings that mean nothing, before the model is loaded."""
+    if a.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if getattr(a, "temperature", 0.0) < 0 or getattr(a, "temperature", 0.0) != getattr(a, "temperature", 0.0):
+        parser.error(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
+    top_p = getattr(a, "top_p", None)
+    if top_p is not None and not 0 < top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {top_p}")
+
+
 def cli_chat(argv: list[str]) -> int:
     """`minimind-v chat --checkpoint DIR [--image PATH ...] [PROMPT]`"""
     p = argparse.ArgumentParser(prog="minimind-v chat", description="Ask a checkpoint about an image.")
@@ -150,6 +150,7 @@ def cli_chat(argv: list[str]) -> int:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     a = p.parse_args(argv)
+    check_sampling(p, a)
     model, tok, _ = load_chat_model(a.checkpoint)
     pixels = load_pixels(a.image, image_size(model)) if a.image else None
     n_images = len(a.image)
@@ -193,6 +194,9 @@ def cli_eval(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--show", type=int, default=5, help="print this many examples")
     a = p.parse_args(argv)
+    check_sampling(p, a)
+    if a.limit is not None and a.limit < 1:
+        p.error(f"--limit must be >= 1, got {a.limit}")
     model, tok, _ = load_chat_model(a.checkpoint)
     res = evaluate(model, tok, a.data, a.images, a.limit, max_new_tokens=a.max_new_tokens)
     for paths, q, ref, pred in res["examples"][:a.show]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import LMConfig
+from .safetensors_io import check_finite
 
 # One table, read in both directions: upstream's name <-> ours; {i} is the layer index, {p} a
 # projection name (q/k/v/o or gate/up/down).
@@ -86,6 +87,8 @@ def load_state_dict(path: str | os.PathLike, map_location="cpu") -> dict:
         raise ValueError(f"{path}: not a loadable weights-only checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}")
+    weights = state["model"] if isinstance(state.get("model"), dict) else state     # checkpoint.pt or weights
+    check_finite(weights, path)                     # a damaged or diverged file names its first bad key
     return state
 
 

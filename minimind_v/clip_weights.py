@@ -306,6 +306,7 @@ def load_clip_vision(path, dtype=torch.float32, num_heads: int | None = None,
                      attn_impl: str = "manual") -> tuple[CLIPVisionTransformer, VisionConfig]:
     """Any supported CLIP file or folder -> (our encoder in eval mode, its VisionConfig)."""
     tensors, extra = read_tensors(path)
+    safetensors_io.check_finite(tensors, path)         # every weight finite, or the first bad key named
     if "ours" in extra:
         ours = extra["ours"]
         cfg = VisionConfig(**ours["config"])

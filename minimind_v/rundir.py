@@ -100,8 +100,24 @@ def load_chat_model(ckpt_dir, device="cpu"):
     """A checkpoint directory -> (model in eval mode, tokenizer, config.json contents)."""
     from .tokenizer import Tokenizer
 
+    info = read_config(ckpt_dir)
+    tok_path = tokenizer_file(ckpt_dir, info)
+    tok = Tokenizer(tok_path)
+    check_tokenizer_fits(tok, info["model_config"], tok_path)     # before the weights are read
     model, info = load_model(ckpt_dir, device)
-    return model, Tokenizer(tokenizer_file(ckpt_dir, info)), info
+    return model, tok, info
+
+
+def check_tokenizer_fits(tok, model_config: dict, source) -> None:
+    """A tokenizer fits a model when its ids index the embedding and its image id is the model's."""
+    lm = model_config.get("lm", model_config)
+    if len(tok) > lm["vocab_size"]:
+        raise ValueError(f"{source}: the tokenizer has {len(tok)} pieces but the model's embedding has "
+                         f"{lm['vocab_size']} rows; expected the tokenizer the model was trained with")
+    pad = model_config.get("image_pad_id")
+    if pad is not None and tok.image_pad_id != pad:
+        raise ValueError(f"{source}: the tokenizer's image placeholder is id {tok.image_pad_id}, the model "
+                         f"expects id {pad}; expected the tokenizer the model was trained with")
 
 
 def initialise(model, init: str | None, clip: str | None = None, log=print) -> None:

@@ -105,5 +105,5 @@ def test_chat_errors_are_clear(tmp_path, checkpoint):
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         cli_chat(["--checkpoint", str(tmp_path), "hello"])
     ckpt, *_ = checkpoint
-    with pytest.raises(FileNotFoundError, match="nope.png not found"):
+    with pytest.raises(ValueError, match="nope.png.*not found"):
         cli_chat(["--checkpoint", str(ckpt), "--image", str(tmp_path / "nope.png"), "hello"])

@@ -132,3 +132,14 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
         atomic_save({"w": lambda: 0}, path)            # cannot be pickled: fails mid-write
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
     assert os.listdir(tmp_path) == ["ckpt.pth"]        # no temp file left behind
+
+
+def test_a_weights_file_with_nan_is_refused_naming_the_key(model, tmp_path):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["layers.1.ffn.up_proj.weight"][3, 5] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"nan.pt: key 'layers.1.ffn.up_proj.weight': 1 of .* NaN or infinite"):
+        load_state_dict(tmp_path / "nan.pt")
+    torch.save({"model": sd, "step": 3}, tmp_path / "ckpt.pt")          # a checkpoint.pt's weights too
+    with pytest.raises(ValueError, match="up_proj"):
+        load_state_dict(tmp_path / "ckpt.pt")

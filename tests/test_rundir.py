@@ -185,3 +185,28 @@ def test_cli_errors_are_one_message_without_a_traceback(cli_data, tmp_path):
     assert "Traceback" not in missing.stderr
     resume = run_cli("train", *cli_args(root, data, tok, tmp_path / "fresh", "--resume"))
     assert resume.returncode == 2 and f"has no {CHECKPOINT}" in resume.stderr
+
+
+def test_chat_refuses_bad_numbers_and_a_tokenizer_that_does_not_fit(cli_data, tmp_path):
+    import shutil
+
+    from minimind_v.config import tiny_vlm
+    from minimind_v.rundir import load_chat_model, write_config
+    from minimind_v.tokenizer import Tokenizer
+    from minimind_v.vlm import MiniMindVLM
+    root, data, tok = cli_data
+    for flags, expected in ((["--temperature", "-1"], "--temperature must be >= 0"),
+                            (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+                            (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1")):
+        proc = run_cli("chat", "--checkpoint", str(tmp_path), *flags, "hi")
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+    # a checkpoint whose tokenizer was swapped for a bigger one: refused before the weights load
+    small_tok = Tokenizer.train([data / "sft_train.jsonl"], tmp_path / "tok" / "s", vocab_size=400)
+    cfg = tiny_vlm(len(small_tok), small_tok.image_pad_id)
+    write_config(tmp_path / "ckpt", cfg, "sft", small_tok.model_file)
+    torch.save(MiniMindVLM(cfg).state_dict(), tmp_path / "ckpt" / WEIGHTS)
+    load_chat_model(tmp_path / "ckpt")                             # fits
+    shutil.copyfile(tok.model_file, tmp_path / "ckpt" / "tokenizer.model")
+    with pytest.raises(ValueError, match=rf"tokenizer has {len(tok)} pieces but the model's embedding has "
+                                         rf"{len(small_tok)} rows"):
+        load_chat_model(tmp_path / "ckpt")
