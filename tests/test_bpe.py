@@ -43,7 +43,7 @@ def train_file(tmp: Path, seed: int, merges_as_strings: bool = False) -> Path:
     tok.train_from_iterator(lines, trainers.BpeTrainer(
         vocab_size=900, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in ("<think>", "</think>")])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in ("<think>", "</think>", "<x>", "<x><y>")])
     tok.add_special_tokens([AddedToken("<|image_pad|>", normalized=False, special=True)])
     path = tmp / f"trained{seed}{'s' if merges_as_strings else ''}.json"
     tok.save(str(path))
@@ -133,7 +133,7 @@ def test_merge_by_rank_not_by_position():
 FIXED = ["", " ", "   ", "\n", "\n\n\n", " \n \n", "hello world", "Hello, World! It's 2024.", "I'm  you'll we'd",
          "红色的圆形在左上。", "生僻字：龘靐齉爩", "emoji 😀🎉👩‍👩‍👧 ok", "e\u0301 vs \u00e9", "ｆｕｌｌ ｗｉｄｔｈ",
          "<|im_start|>user\nhi<|im_end|>\n", "<|im_end|<|im_end|>>", "<think>\n\n</think>\n\n", "a<|image_pad|>b",
-         "12345678901234567890", "\x00\x7f\u200b\u00ad\u0085\u00a0", "\t\t  \r\n", "'s's'S 'll", "@" * 196, "。@@@@ @"]
+         "12345678901234567890", "<x><y>z<x><x><y", "<x<x>>", "\x00\x7f\u200b\u00ad\u0085\u00a0", "\t\t  \r\n", "'s's'S 'll", "@" * 196, "。@@@@ @"]
 
 
 @pytest.mark.parametrize("text", FIXED)
@@ -148,7 +148,7 @@ FRAGMENTS = st.one_of(
     st.text(alphabet=" \n\t\r", min_size=1, max_size=6),                                # runs of spaces
     st.text(alphabet="0123456789", min_size=1, max_size=8),
     st.sampled_from(["😀", "🎉", "👩‍👩‍👧", "e\u0301", "\u0308", "\u200d", "'s", "'re", "@"]),
-    st.sampled_from(SPECIALS + ["<think>", "</think>", "<|image_pad|>", "<|im_end", "im_end|>"]),
+    st.sampled_from(SPECIALS + ["<think>", "</think>", "<|image_pad|>", "<|im_end", "im_end|>", "<x>", "<y>"]),
 )
 
 
