@@ -133,43 +133,58 @@ def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str
     return symbols
 
 
-def bpe_merge_fast(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """`bpe_merge` with a heap: the same pieces, in O(n log n) instead of O(n^2) for a long word.
+def pair_key(a: int, b: int) -> int:
+    """One int for the pair of ids (a, b): a dict keyed by it is faster than one keyed by tuples."""
+    return (a << 32) | b
 
-    The word is a linked list of symbols; a heap holds (rank, position, merged string) of every
-    adjacent pair that has a rank. The lowest is popped (ties: the leftmost, as `bpe_merge`
-    merges left to right). The entry still applies if the pair now at that position is a merge
-    that makes the same string (a neighbour may have been merged meanwhile: then it is stale and
-    skipped). Otherwise the two symbols are joined and the new pairs with the left and right
-    neighbours are pushed. This is how `tokenizers` merges, stale check included.
+
+def bpe_merge_ids(ids: list[int], merges: dict[int, tuple[int, int]]) -> list[int]:
+    """`bpe_merge` on ids with a heap: the same result, in O(n log n) instead of O(n^2).
+
+    ids: the word's byte pieces as vocabulary ids; merges: pair_key(left, right) -> (rank, id of
+    the merged piece). The word is a linked list of ids; a heap holds (rank, position, merged id)
+    of every adjacent pair that is a merge. The lowest rank is popped (ties: the leftmost, as
+    `bpe_merge` merges left to right). The entry still applies if the pair now at that position
+    is a merge that makes the same piece; if a neighbour was merged meanwhile it is stale and
+    skipped. Otherwise the two are joined and the new pairs with the left and right neighbours
+    are pushed. This is how `tokenizers` merges, stale check included.
     """
-    n = len(symbols)
+    n = len(ids)
     if n < 2:
-        return list(symbols)
-    sym = list(symbols)                       # sym[i]: the symbol starting at i ('' once merged away)
-    nxt = list(range(1, n + 1))               # index of the next live symbol (n = end)
-    prv = list(range(-1, n - 1))              # index of the previous live symbol (-1 = start)
-    heap = [(ranks[p], i, p[0] + p[1]) for i, p in enumerate(zip(sym, sym[1:])) if p in ranks]
+        return list(ids)
+    sym = list(ids)                           # sym[i]: the piece starting at i (-1 once merged away)
+    nxt = list(range(1, n + 1))               # index of the next live piece (n = end)
+    prv = list(range(-1, n - 1))              # index of the previous live piece (-1 = start)
+    get = merges.get
+    heap = []
+    for i in range(n - 1):
+        m = get((sym[i] << 32) | sym[i + 1])
+        if m is not None:
+            heap.append((m[0], i, m[1]))
     heapq.heapify(heap)
-
-    def push(i, j):                           # the pair (sym[i], sym[j]), if it is a merge
-        r = ranks.get((sym[i], sym[j]))
-        if r is not None:
-            heapq.heappush(heap, (r, i, sym[i] + sym[j]))
-
+    pop, push = heapq.heappop, heapq.heappush
     while heap:
-        _, i, merged = heapq.heappop(heap)
+        _, i, new = pop(heap)
         j = nxt[i]
-        if not sym[i] or j >= n or (sym[i], sym[j]) not in ranks or sym[i] + sym[j] != merged:
+        if j >= n or sym[i] < 0:
+            continue
+        m = get((sym[i] << 32) | sym[j])
+        if m is None or m[1] != new:
             continue                          # stale: the pair at i changed since this was pushed
-        sym[i], sym[j] = merged, ""
-        nxt[i] = nxt[j]
-        if nxt[i] < n:
-            prv[nxt[i]] = i
-            push(i, nxt[i])
-        if prv[i] >= 0:
-            push(prv[i], i)
-    return [s for s in sym if s]
+        sym[i] = new
+        sym[j] = -1
+        k = nxt[i] = nxt[j]
+        if k < n:                             # the new pair with the right neighbour
+            prv[k] = i
+            m = get((new << 32) | sym[k])
+            if m is not None:
+                push(heap, (m[0], i, m[1]))
+        h = prv[i]
+        if h >= 0:                            # ... and with the left neighbour
+            m = get((sym[h] << 32) | new)
+            if m is not None:
+                push(heap, (m[0], h, m[1]))
+    return [t for t in sym if t >= 0]
 
 
 def byte_decode(tokens: list[str]) -> str:
@@ -212,17 +227,19 @@ class ByteLevelBPE:
         self.use_regex = use_regex
         self.id_to_token = {i: t for t, i in vocab.items()}
         self.id_to_token.update({i: t for t, i in self.added_tokens.items()})
-        for a, b in merges:
-            if a + b not in vocab:
-                raise ValueError(f"{source}: merge {a!r} + {b!r} makes {a + b!r}, which is not in the vocab")
         missing = [c for c in bytes_to_unicode().values() if c not in vocab]
         if missing:
             raise ValueError(f"{source}: the vocab lacks {len(missing)} of the 256 byte characters "
                              f"(e.g. {missing[:3]}); a byte-level BPE needs all of them")
+        for a, b in merges:
+            for piece in (a, b, a + b):
+                if piece not in vocab:
+                    raise ValueError(f"{source}: merge {a!r} + {b!r} needs {piece!r}, which is not in the vocab")
         # leftmost-longest matching of the added tokens: longer strings first in the alternation
         names = sorted(self.added_tokens, key=len, reverse=True)
         self._added_re = re.compile("|".join(map(re.escape, names))) if names else None
-        self._byte = bytes_to_unicode()
+        self._byte_id = [vocab[c] for c in bytes_to_unicode().values()]      # byte -> id of its piece
+        self.merges = {pair_key(vocab[a], vocab[b]): (r, vocab[a + b]) for (a, b), r in self.ranks.items()}
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -300,8 +317,7 @@ class ByteLevelBPE:
         for word in (split_words(text) if self.use_regex else [text]):
             hit = cache.get(word)
             if hit is None:
-                symbols = [self._byte[b] for b in word.encode("utf-8")]    # the word in the byte table
-                hit = [self.vocab[s] for s in bpe_merge_fast(symbols, self.ranks)]
+                hit = bpe_merge_ids([self._byte_id[b] for b in word.encode("utf-8")], self.merges)
                 if len(cache) >= self.CACHE_SIZE:
                     cache.clear()
                 cache[word] = hit

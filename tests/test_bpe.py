@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from minimind_v.bpe import (ByteLevelBPE, bpe_merge, bpe_merge_fast, byte_decode,  # noqa: E402
-                            bytes_to_unicode, split_words)
+from minimind_v.bpe import (ByteLevelBPE, bpe_merge, bpe_merge_ids, byte_decode, bytes_to_unicode,  # noqa: E402
+                            pair_key, split_words)
 
 UPSTREAM = Path(__file__).resolve().parents[1].parent / "shared" / "upstream"
 UPSTREAM_FILES = [UPSTREAM / g / "tokenizer.json" for g in ("minimind2-v", "minimind-3v")]
@@ -119,14 +119,29 @@ def test_heap_merge_equals_the_plain_loop(pairs):
         for _ in range(300):
             word = "".join(rng.choices(ZH + "abcdefghij ", k=rng.randint(1, 30)))
             symbols = [table[b] for b in word.encode()]
-            assert bpe_merge_fast(symbols, ours.ranks) == bpe_merge(symbols, ours.ranks)
+            want = [ours.vocab[s] for s in bpe_merge(symbols, ours.ranks)]
+            assert bpe_merge_ids([ours.vocab[s] for s in symbols], ours.merges) == want
+
+
+def merge_both(word: str, merges: list[tuple[str, str]]):
+    """The plain loop and the heap on the same toy merge list (ids: positions in a toy vocab)."""
+    ranks = {pair: r for r, pair in enumerate(merges)}
+    vocab = {s: i for i, s in enumerate(dict.fromkeys([*word, *(a for a, _ in merges), *(b for _, b in merges),
+                                                       *(a + b for a, b in merges)]))}
+    ids = bpe_merge_ids([vocab[c] for c in word], {pair_key(vocab[a], vocab[b]): (r, vocab[a + b])
+                                                   for (a, b), r in ranks.items()})
+    inverse = {i: s for s, i in vocab.items()}
+    return bpe_merge(list(word), ranks), [inverse[i] for i in ids]
 
 
 def test_merge_by_rank_not_by_position():
-    ranks = {("b", "c"): 0, ("a", "b"): 1, ("a", "bc"): 2}
-    assert bpe_merge(list("abc"), ranks) == ["abc"]          # b+c first (rank 0), then a+bc
-    assert bpe_merge_fast(list("abc"), ranks) == ["abc"]
-    assert bpe_merge(list("aaa"), {("a", "a"): 0}) == ["aa", "a"] == bpe_merge_fast(list("aaa"), {("a", "a"): 0})
+    # b+c has the lowest rank, so it goes first although a+b stands further left
+    assert merge_both("abc", [("b", "c"), ("a", "b"), ("a", "bc")]) == (["abc"], ["abc"])
+    assert merge_both("abc", [("a", "b"), ("b", "c"), ("ab", "c")]) == (["abc"], ["abc"])
+    assert merge_both("abcd", [("c", "d"), ("a", "b"), ("b", "c")]) == (["ab", "cd"], ["ab", "cd"])
+    # overlapping occurrences: left to right
+    assert merge_both("aaa", [("a", "a")]) == (["aa", "a"], ["aa", "a"])
+    assert merge_both("aaaaa", [("a", "a"), ("aa", "aa")]) == (["aaaa", "a"], ["aaaa", "a"])
 
 
 # ---------------------------------------------------------------------- 4. the whole file
@@ -204,7 +219,7 @@ def edit(trained, tmp_path, change):
     (lambda s: s["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space must be false"),
     (lambda s: s.update(decoder=None), "decoder.type must be 'ByteLevel'"),
     (lambda s: s["model"]["merges"].__setitem__(0, "a b c"), r"model.merges\[0\] must be"),
-    (lambda s: s["model"]["merges"].__setitem__(0, ["x", "y"]), "not in the vocab"),
+    (lambda s: s["model"]["merges"].__setitem__(0, ["\u4e00\u4e00", "y"]), "needs '\u4e00\u4e00', which is not in the vocab"),
     (lambda s: s["added_tokens"][0].update(lstrip=True), r"added_tokens\[0\].lstrip must be false"),
     (lambda s: s["model"]["vocab"].pop("Ġ"), "lacks 1 of the 256 byte characters"),
 ])
