@@ -37,9 +37,13 @@ def num_patches(model) -> int:
     return getattr(model.cfg, "num_patches", 0)
 
 
-def load_pixels(paths, size: int) -> torch.Tensor:
-    """Image files -> (N, 3, size, size), decoded and preprocessed as in training (errors name the file)."""
-    return torch.stack([read_pixels(p, size) for p in paths])
+def load_pixels(paths, size: int, alpha: str = "white") -> torch.Tensor:
+    """Image files -> (N, 3, size, size), decoded and preprocessed as in training (errors name the file).
+
+    alpha: "white" composites a transparent picture on white (ours); "drop" ignores the alpha band,
+    as upstream's `convert('RGB')` does (config.json's `image_alpha` of an imported checkpoint).
+    """
+    return torch.stack([read_pixels(p, size, alpha=alpha) for p in paths])
 
 
 def prompt_ids(tok: Tokenizer, messages: list[dict], n_patches: int) -> list[int]:
@@ -48,11 +52,16 @@ def prompt_ids(tok: Tokenizer, messages: list[dict], n_patches: int) -> list[int
     return ids
 
 
-def user_message(question: str, n_images: int) -> dict:
-    """The user's turn; pictures without an explicit `<image>` go after the question."""
+def user_message(question: str, n_images: int, position: str = "after") -> dict:
+    """The user's turn. Each `<image>` in the question is where a picture's placeholder run goes;
+    pictures without one go after the question (our training records), or, with position
+    "before", in front of it followed by a newline: upstream MiniMind-V's prompt "<image>\n" + question.
+    """
     missing = n_images - question.count(IMAGE_TOKEN)
     if missing < 0:
         raise ValueError(f"the prompt has {question.count(IMAGE_TOKEN)} <image> marks but {n_images} image(s)")
+    if position == "before":
+        return {"role": "user", "content": (IMAGE_TOKEN + "\n") * missing + question}
     return {"role": "user", "content": question + IMAGE_TOKEN * missing}
 
 
@@ -151,9 +160,11 @@ def cli_chat(argv: list[str]) -> int:
     p.add_argument("--seed", type=int)
     a = p.parse_args(argv)
     check_sampling(p, a)
-    model, tok, _ = load_chat_model(a.checkpoint)
-    pixels = load_pixels(a.image, image_size(model)) if a.image else None
-    n_images = len(a.image)
+    model, tok, info = load_chat_model(a.checkpoint)
+    if a.image and not hasattr(model, "vision_encoder"):
+        raise ValueError(f"{a.checkpoint}: a text-only language model cannot take --image")
+    pixels = load_pixels(a.image, image_size(model), info.get("image_alpha", "white")) if a.image else None
+    n_images, position = len(a.image), info.get("image_position", "after")
 
     def answer(messages):
         for piece in stream_reply(model, tok, messages, pixels, a.max_new_tokens, a.temperature, a.top_p, a.seed):
@@ -162,7 +173,7 @@ def cli_chat(argv: list[str]) -> int:
         sys.stdout.write("\n")
 
     if a.prompt is not None:
-        answer([user_message(a.prompt, n_images)])
+        answer([user_message(a.prompt, n_images, position)])
         return 0
     print("interactive chat: the picture(s) go with your first question; empty line or Ctrl-D quits")
     history: list[dict] = []
@@ -173,7 +184,8 @@ def cli_chat(argv: list[str]) -> int:
             break
         if not question:
             break
-        history.append(user_message(question, n_images) if not history else {"role": "user", "content": question})
+        history.append(user_message(question, n_images, position) if not history
+                       else {"role": "user", "content": question})
         text = []
         for piece in stream_reply(model, tok, history, pixels, a.max_new_tokens, a.temperature, a.top_p, a.seed):
             sys.stdout.write(piece)

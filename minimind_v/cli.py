@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("minimind_v.chat", "cli_eval", "exact-match accuracy of a checkpoint on a held-out JSONL split"),
     "tokenizer": ("minimind_v.tokenizer", "cli", "train or inspect a sentencepiece tokenizer"),
     "data": ("minimind_v.synthetic", "cli", "generate the synthetic shapes dataset (`data synth ...`)"),
+    "import-upstream": ("minimind_v.upstream", "cli", "turn upstream MiniMind / MiniMind-V release files into a checkpoint directory"),
     "convert-clip": ("minimind_v.clip_weights", "cli", "convert CLIP vision weights (any format) to a plain state dict"),
 }
 

@@ -32,7 +32,8 @@ WEIGHTS = "model.pt"              # final weights only, for chat and the next st
 CONFIG = "config.json"            # model config + how the directory was made
 METRICS = "metrics.jsonl"         # one line per optimizer step
 LOSS_PNG = "loss.png"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"   # a sentencepiece tokenizer; or
+HF_TOKENIZER = "tokenizer"       # a folder with a Hugging Face tokenizer.json + tokenizer_config.json
 
 
 def write_config(out_dir, model_cfg, stage: str, tokenizer_file=None, **extra) -> None:
@@ -42,12 +43,33 @@ def write_config(out_dir, model_cfg, stage: str, tokenizer_file=None, **extra) -
     info = {"kind": "lm" if isinstance(model_cfg, LMConfig) else "vlm", "model_config": model_cfg.to_dict(),
             "stage": stage, **extra}
     if tokenizer_file is not None:
-        if Path(tokenizer_file).resolve() != (out_dir / TOKENIZER).resolve():
-            shutil.copyfile(tokenizer_file, out_dir / TOKENIZER)
-        info["tokenizer"] = TOKENIZER
+        info["tokenizer"] = copy_tokenizer(tokenizer_file, out_dir)
     tmp = out_dir / (CONFIG + ".tmp")
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, out_dir / CONFIG)
+
+
+def copy_tokenizer(source, out_dir: Path) -> str:
+    """Copy a tokenizer into the run directory; returns its name there.
+
+    A sentencepiece `.model` becomes `tokenizer.model`; a Hugging Face `tokenizer.json` (or a
+    folder holding one) becomes the folder `tokenizer/` with its `tokenizer_config.json`.
+    """
+    source = Path(source)
+    if source.is_dir() and (source / "tokenizer.json").is_file():
+        source = source / "tokenizer.json"
+    if source.suffix == ".json":
+        folder = out_dir / HF_TOKENIZER
+        folder.mkdir(exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (source.parent / name).is_file() and (source.parent / name).resolve() != (folder / name).resolve():
+                shutil.copyfile(source.parent / name, folder / name)
+        return HF_TOKENIZER
+    if source.is_dir():
+        source = source / TOKENIZER
+    if source.resolve() != (out_dir / TOKENIZER).resolve():
+        shutil.copyfile(source, out_dir / TOKENIZER)
+    return TOKENIZER
 
 
 def read_config(ckpt_dir: str | os.PathLike) -> dict:
@@ -84,8 +106,20 @@ def load_model(ckpt_dir, device="cpu"):
     """A checkpoint directory -> (model in eval mode, config.json contents)."""
     info = read_config(ckpt_dir)
     model = model_from_config(info)
-    strict_load(model, load_weights(ckpt_dir), str(ckpt_dir))
+    weights = load_weights(ckpt_dir)
+    match_projection(model, weights)
+    strict_load(model, weights, str(ckpt_dir))
     return model.to(device).eval(), info
+
+
+def match_projection(model, weights: dict) -> None:
+    """Drop CLIP's image-embedding projection from `model` when `weights` have none.
+
+    A VLM never uses it (it takes the patch vectors), and a Hugging Face CLIPVisionModel file has
+    no such matrix; every other key stays strictly checked.
+    """
+    if hasattr(model, "vision_encoder") and "vision_encoder.proj.weight" not in weights:
+        model.vision_encoder.proj = None
 
 
 def tokenizer_file(ckpt_dir, info: dict) -> Path:
@@ -98,11 +132,11 @@ def tokenizer_file(ckpt_dir, info: dict) -> Path:
 
 def load_chat_model(ckpt_dir, device="cpu"):
     """A checkpoint directory -> (model in eval mode, tokenizer, config.json contents)."""
-    from .tokenizer import Tokenizer
+    from .tokenizer import load_tokenizer
 
     info = read_config(ckpt_dir)
     tok_path = tokenizer_file(ckpt_dir, info)
-    tok = Tokenizer(tok_path)
+    tok = load_tokenizer(tok_path, label_newline=info.get("label_newline"))
     check_tokenizer_fits(tok, info["model_config"], tok_path)     # before the weights are read
     model, info = load_model(ckpt_dir, device)
     return model, tok, info
@@ -150,6 +184,7 @@ def initialise(model, init: str | None, clip: str | None = None, log=print) -> N
             strict_load(lm, state, str(path))
             log(f"init: language model from {path}")
         else:
+            match_projection(model, state)
             strict_load(model, state, str(path))
             log(f"init: every weight from {path}")
     if clip:

@@ -25,6 +25,12 @@ from __future__ import annotations
 
 import hashlib
 
+# The chat format's special strings (the ids are each tokenizer's own).
+PAD, BOS, EOS, IMAGE_PAD, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IMAGE_PAD]   # ids 0, 1, 2, 3; <unk> is id 4
+IMAGE_TOKEN = "<image>"                       # what a conversation writes where an image stands
+
+
 BOS, EOS = "<|im_start|>", "<|im_end|>"
 DEFAULT_SYSTEM = "You are a helpful assistant"          # MiniMind2-V's system line when none is given
 

@@ -401,14 +401,15 @@ def cli(argv: list[str]) -> int:
     from .config import VLMConfig
     from .data import VLMDataset, collate
     from .options import add_config_options, config_from_args
-    from .rundir import TOKENIZER, initialise, read_config, write_config
-    from .tokenizer import Tokenizer
+    from .rundir import initialise, read_config, tokenizer_file, write_config
+    from .tokenizer import load_tokenizer
     from .vlm import MiniMindVLM
 
     p = argparse.ArgumentParser(prog="minimind-v train", description="Pretrain or SFT a MiniMind-V model.")
     p.add_argument("--data", required=True, help="JSONL conversations in upstream MiniMind-V's format")
     p.add_argument("--images", required=True, help="folder the 'image' names are relative to")
-    p.add_argument("--tokenizer", help="sentencepiece .model (default: the --init directory's)")
+    p.add_argument("--tokenizer", help="sentencepiece .model, tokenizer.json or its folder (default: the --init "
+                                       "directory's)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--init", help="previous stage's directory, our LM model.pt, or an upstream .pth")
     p.add_argument("--clip", help="CLIP vision weights (OpenAI .pt, HF folder/safetensors/bin)")
@@ -425,13 +426,14 @@ def cli(argv: list[str]) -> int:
     if a.model_config:
         cfg = VLMConfig(**json.loads(Path(a.model_config).read_text()))
     elif init_dir is not None:
-        cfg = VLMConfig(**read_config(init_dir)["model_config"])
+        cfg = VLMConfig(**read_config(init_dir)["model_config"])      # an imported upstream model too
     else:
         cfg = VLMConfig()
-    tok_file = a.tokenizer or (init_dir / TOKENIZER if init_dir and (init_dir / TOKENIZER).is_file() else None)
+    init_info = read_config(init_dir) if init_dir is not None else {}
+    tok_file = a.tokenizer or (tokenizer_file(init_dir, init_info) if init_dir is not None else None)
     if tok_file is None:
         p.error("--tokenizer is required (or an --init directory that holds one)")
-    tok = Tokenizer(tok_file)
+    tok = load_tokenizer(tok_file, label_newline=init_info.get("label_newline"))
     if len(tok) > cfg.lm.vocab_size:
         raise ValueError(f"{tok_file}: the tokenizer has {len(tok)} pieces, more than the model's "
                          f"vocab_size {cfg.lm.vocab_size}")
@@ -449,7 +451,8 @@ def cli(argv: list[str]) -> int:
         dataset = VLMDataset(a.data, a.images, tok, max_length=tcfg.max_length, num_patches=cfg.num_patches,
                              image_size=cfg.vision.image_size, skip_bad=a.skip_bad)
         if rank == 0 and not tcfg.resume:
-            write_config(a.out, cfg, tcfg.stage, tok_file, init=a.init, clip=a.clip)
+            keep = {k: init_info[k] for k in ("label_newline", "image_alpha", "image_position") if k in init_info}
+            write_config(a.out, cfg, tcfg.stage, tok_file, init=a.init, clip=a.clip, **keep)
         try:
             train(model, dataset, collate, tcfg, a.out, log=log)
         finally:
