@@ -133,6 +133,15 @@ def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str
     return symbols
 
 
+def word_pieces(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """One word -> its BPE pieces: its UTF-8 bytes through the byte table, then merged by rank.
+
+    e.g. ' lower' -> ['Ġlow', 'er'] (the pieces' spelling, as in the vocabulary).
+    """
+    table = bytes_to_unicode()
+    return bpe_merge([table[b] for b in word.encode("utf-8")], ranks)
+
+
 def pair_key(a: int, b: int) -> int:
     """One int for the pair of ids (a, b): a dict keyed by it is faster than one keyed by tuples."""
     return (a << 32) | b
