@@ -7,8 +7,8 @@ back into text.
 `bpe_train` / `bpe_encode` below spell out the BPE algorithm in plain Python for learning; the
 real vocabulary is trained by sentencepiece.
 
-What it is: a byte-level-fallback BPE model trained with sentencepiece (the same kind of
-vocabulary MiniMind uses, 6400 pieces by default), plus a handful of special tokens:
+What it is: a byte-fallback BPE model trained with sentencepiece (6400 pieces by default, the
+size of upstream MiniMind-V's vocabulary), plus a handful of special tokens:
 
     id 0  <|endoftext|>   padding (and end of a plain document)
     id 1  <|im_start|>    starts a chat turn        (bos_id)
@@ -20,7 +20,7 @@ Why byte fallback: a character the BPE never saw (a rare Chinese character, an e
 as its UTF-8 bytes, one token per byte (`<0xF0> <0x9F> <0x98> <0x80>`), so no text is ever unknown
 and `decode(encode(s)) == s` for every string. Normalisation is switched off for the same reason.
 
-The chat template is ChatML, as MiniMind:
+The chat template is ChatML, as upstream MiniMind-V's:
 
     <|im_start|>{role}\n{content}<|im_end|>\n      ... and `<|im_start|>assistant\n` as the
                                                        generation prompt
@@ -119,7 +119,7 @@ def bpe_encode(word: str, merges: list[tuple[str, str]]) -> list[str]:
 
 
 class Tokenizer:
-    """A trained sentencepiece BPE model with MiniMind's special tokens and chat template."""
+    """A trained sentencepiece BPE model with upstream MiniMind-V's special tokens and ChatML."""
 
     template = "chatml"          # the chat template this tokenizer renders (templates.py)
 
@@ -296,7 +296,7 @@ def load_tokenizer(path, template: str | None = None, label_newline: bool | None
 
 
 def _train_sentencepiece(sentences, out_prefix, vocab_size, character_coverage, extra, num_threads):
-    """The sentencepiece settings that make MiniMind's vocabulary layout and exact round trips."""
+    """The sentencepiece settings that make upstream MiniMind-V's vocabulary layout and exact round trips."""
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_prefix=str(out_prefix), model_type="bpe", vocab_size=vocab_size,

@@ -29,7 +29,7 @@ ZH = "的一是在不了有和人这中大为上个国我以要他时来用们�
 EN = ["the", "red", "circle", "is", "at", "top", "left", "picture", "I'm", "it's", "we've", "HELLO", "Don't"]
 
 
-def train_file(tmp: Path, seed: int, merges_as_strings: bool = False) -> Path:
+def train_file(tmp: Path, seed: int, merges_as_strings: bool = False, use_regex: bool = True) -> Path:
     """A byte-level BPE trained with `tokenizers` like upstream's: same pre-tokenizer, decoder, specials."""
     rng = random.Random(seed)
     lines = []
@@ -38,14 +38,14 @@ def train_file(tmp: Path, seed: int, merges_as_strings: bool = False) -> Path:
         en = " ".join(rng.choices(EN, k=rng.randint(1, 6)))
         lines.append(rng.choice([f"{zh}，{en}。", f"{en} {rng.randint(0, 99999)} {zh}！😀\n\n", f"  {en}\t{zh}e\u0301"]))
     tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(lines, trainers.BpeTrainer(
         vocab_size=900, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in ("<think>", "</think>", "<x>", "<x><y>")])
     tok.add_special_tokens([AddedToken("<|image_pad|>", normalized=False, special=True)])
-    path = tmp / f"trained{seed}{'s' if merges_as_strings else ''}.json"
+    path = tmp / f"trained{seed}{'s' if merges_as_strings else ''}{'' if use_regex else 'n'}.json"
     tok.save(str(path))
     if merges_as_strings:          # the older "a b" spelling of the merges (same meaning)
         spec = json.loads(path.read_text(encoding="utf-8"))
@@ -57,7 +57,8 @@ def train_file(tmp: Path, seed: int, merges_as_strings: bool = False) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bpe")
-    return [train_file(tmp, 0), train_file(tmp, 1, merges_as_strings=True)]
+    # the third splits nothing (use_regex false): BPE then runs on all the text between added tokens
+    return [train_file(tmp, 0), train_file(tmp, 1, merges_as_strings=True), train_file(tmp, 2, use_regex=False)]
 
 
 def all_files(trained):
