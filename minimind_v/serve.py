@@ -11,16 +11,13 @@ decoding (`generate.stream`). Only the transport is new:
     Engine.turn()                      wait in line: one generation at a time per model (FIFO);
         |                              a streamed request is told how many are ahead of it
     Engine.pieces()                    prompt ids -> generate.stream, one token at a time
-        |
-    server-sent events                 `event: text` per piece, then `event: done` with the token
-                                       count and tokens/s; a write that fails (the client left)
-                                       stops the generation before the next token
+    server-sent events                 `event: text` per piece, then `event: done` (tokens, tokens/s);
+                                       a failed write (the client left) stops it before the next token
 
-The page and the API are served by the standard library's `ThreadingHTTPServer` (no dependency).
-It speaks HTTP/1.0: one request per connection, and a stream ends when the connection closes.
-`GET /api/info` names the checkpoint, its parameter count, image size and queue length.
-
-The model is loaded in one place, `load`, so other kinds of checkpoints plug in there.
+The standard library's `ThreadingHTTPServer` serves the page and the API (no new dependency),
+in HTTP/1.0: one request per connection; a stream ends when the connection closes. `GET /api/info`
+names the checkpoint, its parameter count, image size and queue length. The model is loaded in
+one place, `load`, where other kinds of checkpoints plug in.
 """
 from __future__ import annotations
 
@@ -65,7 +62,7 @@ class RequestError(ValueError):
 
 
 class ClientGone(Exception):
-    """A write to the client failed: it closed the connection."""
+    """The request ends early: a write to its client failed (it left), or the server is stopping."""
 
 
 # ----------------------------------------------------------------------------- model and pictures
@@ -80,10 +77,19 @@ def checkpoint_name(checkpoint) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """The bytes of an image file -> (3, size, size), preprocessed as chat and training do."""
+def decode_image(image, size: int, max_bytes: int) -> torch.Tensor:
+    """An image file as base64 (or a data: URL) -> (3, size, size), preprocessed as chat and training do."""
     from PIL import Image
 
+    if not isinstance(image, str):
+        raise RequestError(400, "\"image\" must be a base64 string")
+    try:
+        data = base64.b64decode(image.partition(",")[2] if image.startswith("data:") else image, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "\"image\" is not valid base64") from None
+    if len(data) > max_bytes:
+        raise RequestError(413, f"the image is {len(data) / 2 ** 20:.1f} MB; the limit is "
+                                f"{max_bytes / 2 ** 20:g} MB (--max-upload-mb)")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -120,8 +126,7 @@ class Engine:
         self._line: collections.deque = collections.deque()   # tickets; the first one generates
         self._cond = threading.Condition()
 
-    def queue_length(self) -> int:
-        """Requests generating or waiting."""
+    def queue_length(self) -> int:                        # requests generating or waiting
         with self._cond:
             return len(self._line)
 
@@ -132,11 +137,8 @@ class Engine:
 
     @contextlib.contextmanager
     def turn(self, on_wait=None):
-        """`with engine.turn():` the body runs when every request ahead of this one is done.
-
-        on_wait(ahead) is called (outside the lock) when the number ahead changes, and every 5 s;
-        if it raises (a client that left), this request leaves the line.
-        """
+        """`with engine.turn():` the body runs once every request ahead of this one is done. on_wait(ahead)
+        is called (outside the lock) when the number ahead changes and every 5 s; if it raises, we leave."""
         ticket = object()
         with self._cond:
             self._line.append(ticket)
@@ -168,7 +170,7 @@ class Engine:
         if body.get("image") is not None:
             if not self.patches:
                 raise RequestError(400, f"{self.name} is a language model: it takes no image")
-            pixels = self.decode(body["image"], max_image_bytes)[None]            # (1, 3, S, S)
+            pixels = decode_image(body["image"], self.image_size, max_image_bytes)[None]   # (1, 3, S, S)
         n_images = 0 if pixels is None else 1
         marks = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
         if marks > n_images:
@@ -188,27 +190,9 @@ class Engine:
                 "top_p": number(body, "top_p", None, 0.0, 1.0),
                 "seed": number(body, "seed", None, 0, 2 ** 63 - 1, int)}
 
-    def decode(self, image, max_bytes: int) -> torch.Tensor:
-        """base64 (or a data: URL) -> (3, S, S)."""
-        if not isinstance(image, str):
-            raise RequestError(400, "\"image\" must be a base64 string")
-        if image.startswith("data:"):
-            image = image.partition(",")[2]
-        try:
-            data = base64.b64decode(image, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(400, "\"image\" is not valid base64") from None
-        if len(data) > max_bytes:
-            raise RequestError(413, f"the image is {len(data) / 2 ** 20:.1f} MB; the limit is "
-                                    f"{max_bytes / 2 ** 20:g} MB (--max-upload-mb)")
-        return decode_image(data, self.image_size)
-
     def pieces(self, job: dict, stats: dict):
         """Yield the reply's text piece by piece, as `chat.stream_reply` does; count tokens in `stats`.
-
-        Stop at `<|im_end|>`, after max_new_tokens, or at shutdown. The caller stops it between
-        two tokens by not asking for the next piece.
-        """
+        Stops at `<|im_end|>`, max_new_tokens or shutdown; the caller stops it by asking no more."""
         tok = self.tok
         ids = torch.tensor([job["ids"]], device=self.device)                     # (1, T)
         images = None if job["pixels"] is None else job["pixels"][None].to(self.device)   # (1, 1, 3, S, S)
@@ -250,15 +234,14 @@ def check_messages(messages) -> list[dict]:
 
 
 def number(body: dict, key: str, default, lo, hi, kind=float):
-    """body[key] as `kind` within [lo, hi], or the default when absent or null."""
+    """body[key] as `kind` within [lo, hi] (top_p: above 0), or the default when absent or null."""
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise RequestError(400, f"\"{key}\" must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if not lo <= value <= hi or (key == "top_p" and value == 0):
-        raise RequestError(400, f"\"{key}\" must be in [{lo}, {hi}]" + (", above 0" if key == "top_p" else "")
-                                + f", got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi \
+            or (key == "top_p" and value == 0) or (kind is int and value != int(value)):
+        raise RequestError(400, f"\"{key}\" must be {'an integer' if kind is int else 'a number'} in [{lo}, {hi}]"
+                                f"{' above 0' if key == 'top_p' else ''}, got {value!r}")
     return kind(value)
 
 
@@ -310,8 +293,11 @@ class Handler(BaseHTTPRequestHandler):
     # --- the chat itself
     def chat_whole(self, job):
         stats = {}
-        with self.server.engine.turn():
-            text = "".join(self.server.engine.pieces(job, stats))
+        try:
+            with self.server.engine.turn():
+                text = "".join(self.server.engine.pieces(job, stats))
+        except ClientGone as e:
+            return self.send_json(503, {"error": str(e)})
         self.send_json(200, {"text": text, **summary(stats)})
         self.server.log_chat(stats)
 
@@ -342,15 +328,10 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- plumbing
     def read_json(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise RequestError(411, "send the JSON body with a Content-Length header")
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            raise RequestError(400, f"bad Content-Length {length!r}") from None
+        length = self.headers.get("Content-Length", "")
+        if not length.strip().isdigit():
+            raise RequestError(411, "send the JSON body with a Content-Length header (its size in bytes)")
+        n = int(length)
         if n > self.server.max_body:
             if n <= DRAIN_LIMIT:          # read and drop it: a client still sending would not see the answer
                 while n > 0 and (chunk := self.rfile.read(min(n, 1 << 16))):
@@ -401,7 +382,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000, examples=None,
                  max_upload_mb: float = 8.0, log=print, verbose: bool = False):
         self.engine, self.examples, self.log, self.verbose = engine, dict(examples or {}), log, verbose
-        self.max_upload_mb = max_upload_mb
+        self.max_upload_mb = max_upload_mb                                  # the decoded image
         self.max_body = int(max_upload_mb * 2 ** 20 * 4 / 3) + (1 << 20)  # base64 is 4/3 of the bytes, + the text
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -422,10 +403,8 @@ class Server(ThreadingHTTPServer):
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 

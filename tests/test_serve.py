@@ -212,7 +212,7 @@ BAD = [  # (name, method, path, body (dict, str, bytes or a function of the demo
     ("an image over --max-upload-mb", "POST", "/api/chat",
      {"image": base64.b64encode(bytes(600_000)).decode(), "messages": [{"role": "user", "content": "hi"}]},
      413, "limit is 0.5 MB"),
-    ("a huge body", "POST", "/api/chat", b"x" * (3 << 20), 413, "limit"),
+    ("a huge body", "POST", "/api/chat", b"x" * (40 << 20), 413, "limit"),
     ("malformed JSON", "POST", "/api/chat", '{"messages": [', 400, "not valid JSON"),
     ("a JSON list", "POST", "/api/chat", "[1, 2]", 400, "JSON object"),
     ("no messages", "POST", "/api/chat", {"image": None}, 400, "messages"),
@@ -228,7 +228,11 @@ BAD = [  # (name, method, path, body (dict, str, bytes or a function of the demo
     ("max_new_tokens 0", "POST", "/api/chat",
      {"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 0}, 400, "max_new_tokens"),
     ("max_new_tokens 2.5", "POST", "/api/chat",
-     {"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 2.5}, 400, "integer"),
+     {"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 2.5}, 400, "an integer"),
+    ("max_new_tokens Infinity", "POST", "/api/chat",
+     '{"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": Infinity}', 400, "max_new_tokens"),
+    ("temperature NaN", "POST", "/api/chat",
+     '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature"),
     ("GET the chat API", "GET", "/api/chat", None, 405, "POST"),
     ("PUT the chat API", "PUT", "/api/chat", "{}", 405, "PUT"),
     ("POST the page", "POST", "/", "{}", 405, "/api/chat"),
@@ -265,8 +269,9 @@ def raw_request(server, head: bytes, body: bytes = b""):
 
 def test_bodies_without_a_length_or_claiming_too_much_are_refused(served):
     server, *_ = served
-    assert raw_request(server, b"POST /api/chat HTTP/1.1\r\nHost: x\r\n\r\n") == \
-           (411, "send the JSON body with a Content-Length header")
+    for head in (b"", b"Content-Length: -5\r\n", b"Content-Length: many\r\n"):
+        status, error = raw_request(server, b"POST /api/chat HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+        assert status == 411 and "Content-Length header" in error
     status, error = raw_request(server, b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n")
     assert status == 413 and "9536.7 MB" in error       # answered at once, without reading 10 GB
     assert call(server, "GET", "/api/info")[0] == 200

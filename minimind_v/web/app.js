@@ -47,6 +47,7 @@ function usePicture(blob, chosen) {
     $("preview").hidden = false;
     $("drop-hint").hidden = true;
     document.querySelectorAll("#examples img").forEach((img) => img.classList.toggle("chosen", img === chosen));
+    if (chosen) $("file").value = "";                 // the file box no longer names the picture shown
     newChat();                                        // a new picture starts a new conversation
   };
   reader.readAsDataURL(blob);
@@ -129,7 +130,8 @@ async function ask(question) {
           text += data.text;
           answer.textContent = text;
         } else if (event === "done") {
-          meta.textContent = `${data.tokens} tokens · ${data.tokens_per_s.toFixed(1)} tokens/s`;
+          meta.textContent = `${data.tokens} token${data.tokens === 1 ? "" : "s"} · ` +
+            `${data.tokens_per_s.toFixed(1)} tokens/s · ${data.seconds.toFixed(2)} s`;
           status("");
           $("queue").textContent = "";
         }
