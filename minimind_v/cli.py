@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": ("minimind_v.demo", "cli", "train a small VLM end to end on generated shapes and show its answers"),
     "train": ("minimind_v.train", "cli", "pretrain or SFT a model (see `minimind-v train --help`)"),
     "chat": ("minimind_v.chat", "cli_chat", "talk to a checkpoint about an image (streams the answer)"),
+    "serve": ("minimind_v.serve", "cli", "chat with a checkpoint about a picture in the browser (and a JSON API)"),
     "eval": ("minimind_v.chat", "cli_eval", "exact-match accuracy of a checkpoint on a held-out JSONL split"),
     "tokenizer": ("minimind_v.tokenizer", "cli", "train or inspect a sentencepiece tokenizer"),
     "data": ("minimind_v.synthetic", "cli", "generate the synthetic shapes dataset (`data synth ...`)"),
