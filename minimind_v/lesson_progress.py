@@ -92,8 +92,14 @@ def read_exercise(path: Path) -> tuple[dict, dict, str]:
     except SyntaxError as e:
         mapping = dict(re.findall(r'"(\w+)":\s*"(minimind_v[\w.:]+)"', source))
         return mapping, {}, f"exercise.py line {e.lineno}: syntax error: {e.msg}"
-    mapping, stubs = {}, {}
+    mapping, stubs, defined = {}, {}, set()
     for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign):
+            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {(a.asname or a.name).split(".")[0] for a in node.names}
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "REFERENCE" for t in node.targets):
             mapping = ast.literal_eval(node.value)
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _is_stub(node.body):
@@ -103,6 +109,9 @@ def read_exercise(path: Path) -> tuple[dict, dict, str]:
             if left:
                 stubs[node.name] = ", ".join(left) + (" still raise" if len(left) > 1 else " still raises") \
                     + " NotImplementedError"
+    for name in mapping:
+        if name not in defined:
+            stubs[name] = "not defined in exercise.py"
     return mapping, stubs, ""
 
 
