@@ -8,11 +8,25 @@ name to the place in `minimind_v` that implements the same thing, e.g.
 Tests never import either directly; they take the `ex` fixture and call `ex.rms_norm(...)`:
 - `pytest lessons/02-rmsnorm`              grades the learner's exercise.py;
 - `pytest lessons/02-rmsnorm --reference`  grades minimind_v (the same tests must pass there).
+
+Two more modes, chosen by the environment variable MINIMIND_V_GRADE, are used by tools:
+- `each`: every test runs once per exercise it calls (`ex.NAME` in its source), against the
+  reference with only that one exercise taken from exercise.py. A failure then belongs to that
+  exercise alone (`minimind-v lessons` and learner mode grade this way); MINIMIND_V_GRADE_ONLY
+  (comma-separated names) limits the run to those exercises.
+- `mutants:PATH`: PATH is a Python file with a list `MUTANTS` of objects with `.lesson` (folder
+  name), `.name` (exercise name), `.id` and `.obj`; every test runs against the reference and
+  against the reference with each mutant of a name it calls in place of that name
+  (tests/test_lesson_mutations.py proves that every mutant fails some test).
+Each run records which exercise or mutant it used as a junit property ("exercise" / "mutant").
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import os
+import re
 import types
 from pathlib import Path
 
@@ -38,18 +52,77 @@ def resolve(target: str):
     return obj
 
 
-def reference_namespace(exercise: types.ModuleType) -> types.SimpleNamespace:
+def reference_mapping(exercise: types.ModuleType) -> dict:
     mapping = getattr(exercise, "REFERENCE", None)
     if not mapping:
         raise RuntimeError(f"{exercise.__file__} has no REFERENCE mapping to minimind_v")
-    return types.SimpleNamespace(**{name: resolve(target) for name, target in mapping.items()})
+    return mapping
+
+
+def reference_namespace(exercise: types.ModuleType) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**{name: resolve(target) for name, target in reference_mapping(exercise).items()})
+
+
+# ------------------------------------------------------------------------------ grading modes
+_MUTANTS: dict = {}
+
+
+def _mutants(path: str) -> list:
+    if path not in _MUTANTS:
+        spec = importlib.util.spec_from_file_location("lesson_mutants", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MUTANTS[path] = list(module.MUTANTS)
+    return _MUTANTS[path]
+
+
+def names_called(func, names) -> list[str]:
+    """The exercise names a test function calls as `ex.NAME` (in the order of `names`)."""
+    source = inspect.getsource(func)
+    return [n for n in names if re.search(rf"\bex\.{re.escape(n)}\b", source)]
+
+
+def pytest_generate_tests(metafunc):
+    mode = os.environ.get("MINIMIND_V_GRADE", "")
+    if "ex" not in metafunc.fixturenames or not mode:
+        return
+    lesson_dir = Path(metafunc.definition.path).parent
+    names = list(reference_mapping(load_exercise(lesson_dir)))
+    called = names_called(metafunc.function, names)
+    if mode == "each":
+        params = [("exercise", n) for n in called] or [("exercise", "*")]
+        only = os.environ.get("MINIMIND_V_GRADE_ONLY")
+        if only:                                    # grade only these (the others are still stubs)
+            keep = set(only.split(",")) | {"*"}
+            params = [p for p in params if p[1] in keep]
+    elif mode.startswith("mutants:"):
+        params = [("mutant", "reference")] + [
+            ("mutant", m.id) for m in _mutants(mode[len("mutants:"):])
+            if m.lesson == lesson_dir.name and m.name in called]
+    else:
+        raise pytest.UsageError(f"MINIMIND_V_GRADE must be 'each' or 'mutants:PATH', got {mode!r}")
+    metafunc.parametrize("ex", params, indirect=True, ids=[p[1] for p in params])
 
 
 @pytest.fixture
 def ex(request):
-    """The implementation under test: the lesson's exercise.py, or minimind_v with --reference."""
+    """The implementation under test: the lesson's exercise.py, or minimind_v with --reference
+    (or, in the MINIMIND_V_GRADE modes, the reference with one name replaced)."""
     lesson_dir = Path(str(request.node.fspath)).parent
     exercise = load_exercise(lesson_dir)
-    if request.config.getoption("--reference"):
-        return reference_namespace(exercise)
-    return exercise
+    param = getattr(request, "param", None)
+    if param is None:
+        if request.config.getoption("--reference", default=False):
+            return reference_namespace(exercise)
+        return exercise
+    kind, which = param
+    request.node.user_properties.append((kind, which))
+    if kind == "exercise" and which == "*":
+        return exercise
+    ns = reference_namespace(exercise)
+    if kind == "exercise":
+        setattr(ns, which, getattr(exercise, which))
+    elif which != "reference":
+        mutant = next(m for m in _mutants(os.environ["MINIMIND_V_GRADE"][len("mutants:"):]) if m.id == which)
+        setattr(ns, mutant.name, mutant.obj)
+    return ns

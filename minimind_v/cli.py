@@ -23,6 +23,7 @@ COMMANDS = {
     "data": ("minimind_v.synthetic", "cli", "generate the synthetic shapes dataset (`data synth ...`)"),
     "import-upstream": ("minimind_v.upstream", "cli", "turn upstream MiniMind / MiniMind-V release files into a checkpoint directory"),
     "convert-clip": ("minimind_v.clip_weights", "cli", "convert CLIP vision weights (any format) to a plain state dict"),
+    "lessons": ("minimind_v.lesson_progress", "cli", "your progress through lessons/ (`lessons check NN` grades one)"),
 }
 
 
@@ -31,7 +32,8 @@ def usage() -> str:
     lines = ["usage: minimind-v COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines += ["", "`minimind-v COMMAND --help` shows a command's options; --debug (or MINIMIND_V_DEBUG=1)",
-              "shows the traceback of an error."]
+              "shows the traceback of an error. --learner (any command, e.g. `demo --learner`) builds the",
+              "model from your lessons/*/exercise.py wherever they pass their tests (see `minimind-v lessons`)."]
     return "\n".join(lines)
 
 
@@ -45,10 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minimind-v: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     debug = "--debug" in rest or os.environ.get("MINIMIND_V_DEBUG", "") not in ("", "0")
-    rest = [x for x in rest if x != "--debug"]
+    learner = "--learner" in rest
+    rest = [x for x in rest if x not in ("--debug", "--learner")]
     module_name, func_name, _ = COMMANDS[name]
-    func = getattr(importlib.import_module(module_name), func_name)
     try:
+        if learner:                # before the command imports anything: your code in the model
+            from .learner import activate
+            activate()
+        func = getattr(importlib.import_module(module_name), func_name)
         return int(func(rest) or 0)
     except KeyboardInterrupt:
         print(f"minimind-v {name}: interrupted", file=sys.stderr)
