@@ -56,6 +56,8 @@ import sentencepiece as spm
 from .hf_tokenizer import BPETokenizer
 from .templates import BOS, EOS, IMAGE_PAD, IMAGE_TOKEN, PAD, SPECIAL_TOKENS, UNK  # noqa: F401 (re-exported)
 
+__all__ = ["PAD", "BOS", "EOS", "IMAGE_PAD", "UNK", "SPECIAL_TOKENS", "IMAGE_TOKEN", "Tokenizer", "load_tokenizer"]
+
 SPACE_MARK = "\u2581"                         # '▁': sentencepiece's internal stand-in for a space
 
 

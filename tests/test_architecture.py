@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minimind_v"
 FLOORS = {
     0: ["config"],
     1: ["rope", "ffn", "image", "splice", "kernel_build", "safetensors_io", "torchscript_archive", "synthetic",
-        "bpe", "templates",
+        "bpe", "templates", "lesson_progress",
         "options", "plots",
         "distributed", "features", "freeze"],
     2: ["ops", "hf_tokenizer", "vision", "attention"],
@@ -29,7 +29,7 @@ FLOORS = {
     7: ["rundir"],
     8: ["train_state"],
     9: ["train", "chat", "upstream"],
-    10: ["demo"],
+    10: ["demo", "serve", "learner"],
     11: ["cli", "__init__"],
     12: ["__main__"],
 }
