@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -155,6 +156,18 @@ def forward_loss(model, batch: dict, device: torch.device):
     logits_at, targets = loss_positions(labels)        # (B, T) bool, (K,)
     logits = model(input_ids, logits_at=logits_at, **kwargs)    # (K, V)
     return F.cross_entropy(logits.float(), targets), input_ids.numel()
+
+
+def step_work(batch: dict, work: dict | None) -> dict:
+    """Add a micro-batch's work to the step's counts (for throughput and FLOPs, see `report.py`):
+    tokens (B*T, padding included), rows, attention pairs (B*T^2), answer positions, images."""
+    B, T = batch["input_ids"].shape
+    n_img = int(batch["image_counts"].sum()) if batch.get("image_counts") is not None else 0
+    n_lab = int((batch["labels"] != -100).sum()) if batch.get("labels") is not None else 0
+    work = work or {"tokens": 0, "rows": 0, "pairs": 0, "targets": 0, "images": 0}
+    for k, v in (("tokens", B * T), ("rows", B), ("pairs", B * T * T), ("targets", n_lab), ("images", n_img)):
+        work[k] += v
+    return work
 
 
 def optimizer_step(optimizer, scaler, params, lr: float, grad_clip: float, diverged) -> torch.Tensor:
@@ -328,6 +341,7 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
             loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=tcfg.num_workers)
             micro = 0
             step_loss = torch.zeros((), device=device)
+            work = None
             for batch in loader:
                 lr = lr_at(step, total, tcfg.lr, tcfg.warmup_steps, tcfg.min_lr_ratio)
                 last_micro = (micro + 1) % tcfg.accum_steps == 0
@@ -342,6 +356,7 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 step_loss += scaled.detach()
                 tokens_since_log += n_tok * world
+                work = step_work(batch, work)
                 micro += 1
                 if not last_micro:
                     continue
@@ -361,7 +376,8 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
                 result.losses.append(loss_value)
                 if is_main:
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                              "grad_norm": float(grad_norm), "time": time.time() - t_start}) + "\n")
+                                              "grad_norm": float(grad_norm), "time": time.time() - t_start,
+                                              **{k: v * world for k, v in work.items()}}) + "\n")
                     metrics.flush()
                 if step % tcfg.log_every == 0 or step == total:
                     now = time.time()
@@ -378,7 +394,7 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
                     break
                 if step >= total:                          # max_steps may end mid-epoch
                     break
-                micro = 0
+                micro, work = 0, None
             if result.stopped_early:
                 break
         if not result.stopped_early:
@@ -412,7 +428,8 @@ def cli(argv: list[str]) -> int:
     """`minimind-v train --stage pretrain|sft --data JSONL --images DIR --tokenizer MODEL --out DIR`"""
     from .config import VLMConfig
     from .data import VLMDataset, collate
-    from .options import add_config_options, config_from_args
+    from .options import add_config_options
+    from .recipes import RECIPES, ModelInit, apply_init, describe, get, model_config, resolve
     from .rundir import TOKENIZER, initialise, read_config, write_config
     from .tokenizer import Tokenizer
     from .vlm import MiniMindVLM
@@ -424,33 +441,64 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--init", help="previous stage's directory, our LM model.pt, or an upstream .pth")
     p.add_argument("--clip", help="CLIP vision weights (OpenAI .pt, HF folder/safetensors/bin)")
-    p.add_argument("--model-config", help="JSON file with VLMConfig fields (default: the real config, "
-                                          "or the --init directory's)")
+    p.add_argument("--model-config", help="JSON file with VLMConfig fields (default: the real config, the "
+                                          "--init directory's, or with --recipe its small preset)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), help="named settings for training from scratch "
+                   "(explicit options override them): " + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
+    p.add_argument("--image-size", type=int, default=48, help="with --recipe and no --model-config: the preset's "
+                                                             "picture size")
+    p.add_argument("--eval-data", help="a held-out JSONL split scored at the end (with blank/shuffled/no-image "
+                                       "controls) for report.md")
+    p.add_argument("--eval-images", help="its image folder (default: --images)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records instead of failing")
     add_config_options(p, TrainConfig)
+    add_config_options(p, ModelInit)
     a = p.parse_args(argv)
     if a.stage is None:
         p.error("--stage is required (pretrain or sft)")
-    tcfg = config_from_args(a, TrainConfig)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    recipe = get(a.recipe) if a.recipe else None
 
     init_dir = Path(a.init) if a.init and Path(a.init).is_dir() else None
-    if a.model_config:
-        cfg = VLMConfig(**json.loads(Path(a.model_config).read_text()))
-    elif init_dir is not None:
-        cfg = VLMConfig(**read_config(init_dir)["model_config"])
-    else:
-        cfg = VLMConfig()
     tok_file = a.tokenizer or (init_dir / TOKENIZER if init_dir and (init_dir / TOKENIZER).is_file() else None)
     if tok_file is None:
         p.error("--tokenizer is required (or an --init directory that holds one)")
     tok = Tokenizer(tok_file)
+    if a.model_config:
+        try:
+            cfg = VLMConfig(**json.loads(Path(a.model_config).read_text()))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{a.model_config}: not a VLMConfig JSON ({e})") from None
+    elif init_dir is not None:
+        cfg = VLMConfig(**read_config(init_dir)["model_config"])
+    elif recipe is not None:
+        cfg = model_config(len(tok), tok.image_pad_id, a.image_size, recipe.preset)
+    else:
+        cfg = VLMConfig()
     if len(tok) > cfg.lm.vocab_size:
         raise ValueError(f"{tok_file}: the tokenizer has {len(tok)} pieces, more than the model's "
                          f"vocab_size {cfg.lm.vocab_size}")
     if cfg.image_pad_id != tok.image_pad_id:
         cfg.image_pad_id = tok.image_pad_id
+
+    # the effective settings: explicit options > the recipe > the defaults
+    names = lambda cls: [f.name for f in dataclasses.fields(cls)]            # noqa: E731
+    given = {k: getattr(a, k) for k in names(TrainConfig) if getattr(a, k) is not None}
+    from_recipe = dict(recipe.stages[a.stage]) if recipe else {}
+    if recipe is not None:
+        from_recipe["max_length"] = cfg.lm.max_seq_len                       # what the small model can hold
+    tcfg, sources = resolve(TrainConfig, from_recipe, given)
+    init, init_sources = resolve(ModelInit, dict(recipe.init) if recipe else {},
+                                 {k: getattr(a, k) for k in names(ModelInit) if getattr(a, k) is not None})
     rank = int(os.environ.get("RANK", "0"))
     log = print if rank == 0 else (lambda *_: None)
+    if recipe is not None or any(v == "option" for v in init_sources.values()):
+        log(f"settings ({'recipe ' + recipe.name if recipe else 'no recipe'}; explicit options win):")
+        log(describe(tcfg, sources, [k for k in names(TrainConfig) if sources[k] != "default"]
+                     + ["epochs", "max_length"] if recipe else None))
+        log(describe(init, init_sources))
     with RunLock(a.out, log) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             prepare(a.out, tcfg.resume, tcfg.overwrite, log)      # before anything is written into OUT
@@ -458,15 +506,21 @@ def cli(argv: list[str]) -> int:
         model = MiniMindVLM(cfg)
         if not tcfg.resume:                                       # a resume takes every weight from its checkpoint
             initialise(model, a.init, a.clip, log=log)
+            apply_init(model, init, fresh_lm=not a.init, fresh_vision=not (a.init or a.clip), log=log)
         dataset = VLMDataset(a.data, a.images, tok, max_length=tcfg.max_length, num_patches=cfg.num_patches,
-                             image_size=cfg.vision.image_size, skip_bad=a.skip_bad)
+                             image_size=cfg.vision.image_size, skip_bad=a.skip_bad, keep_encoded=recipe is not None)
         if rank == 0 and not tcfg.resume:
-            write_config(a.out, cfg, tcfg.stage, tok_file, init=a.init, clip=a.clip)
+            write_config(a.out, cfg, tcfg.stage, tok_file, init=a.init, clip=a.clip, recipe=a.recipe,
+                         model_init=dataclasses.asdict(init))
         try:
-            train(model, dataset, collate, tcfg, a.out, log=log)
+            result = train(model, dataset, collate, tcfg, a.out, log=log)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+        if rank == 0 and not result.stopped_early:
+            from .report import write_report
+            write_report(a.out, model, tok, eval_data=a.eval_data, eval_images=a.eval_images or a.images,
+                         train_data=a.data, cached=tcfg.feature_cache, log=log)
     return 0
 
 
