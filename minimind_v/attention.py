@@ -203,7 +203,8 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     k = repeat_kv(k, q.shape[2] // k.shape[2])                                    # (B, S, H, hd)
     scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(q.shape[-1])
     mask = causal_mask(T, S, q.device) if mask is None else mask
-    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    # as `attend`: a large finite negative, so a row that sees no key (a left pad) stays finite
+    return scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
 
 
 class capture_attention:

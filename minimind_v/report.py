@@ -14,8 +14,9 @@ Where it sits: at the end of `minimind-v train` and of the demo. From the run di
 
 FLOPs of one optimizer step (a matmul of an (m x k) by a (k x n) matrix costs 2 m k n):
     forward   2 * N_layers * tokens  +  4 * D * L * pairs  +  2 * D * V * answers  +  2 * Dv * D * patches
-    backward  2x forward for every part whose weights learn (input and weight gradients), 1x for a
-              frozen part the gradient still passes through (input gradient only), 0 below it
+    backward  weight gradients (1x a part's forward) where weights learn, input gradients (1x) where
+              something below learns or the block itself learns (its RMSNorm gains come first),
+              the attention core's 2x wherever a gradient passes; nothing below the lowest learner
     encoder   2 * N_vit * (1 + P) + 4 * Dv * Lv * (1 + P)^2 per image (+ the patch conv), forward
               only, and only when the features are not cached
 so with everything trainable it is the familiar 6 * N * tokens + 12 * L * D * T^2 per row.
@@ -49,13 +50,16 @@ def flops_per_step(cfg, row: dict, trainable: tuple, cached: bool) -> float:
     P, Dv = getattr(cfg, "num_patches", 0), getattr(cfg, "vision", None)
     proj_trains = "projector" in trainable
     lm_trains = "lm" in trainable
-    # backward of a part = its forward x (1 if its weights learn) + (1 if something below it learns)
+    # backward: weight gradients (1x forward) where weights learn; input gradients (1x) where something
+    # below learns, and inside a learning block (its first RMSNorm gain learns, so even q/k/v need
+    # them); the attention core (no weights) 2x its forward wherever a gradient passes
     below = proj_trains or lm_trains                                         # the input gradient is needed
-    layer_fwd = 2 * per_layer * tokens + 4 * D * pairs
     total = 0.0
     for i in range(L):
         learns = lm_trains or ("last_block" in trainable and i == L - 1)
-        total += layer_fwd * (1 + learns + below)
+        fwd, attn = 2 * per_layer * tokens, 4 * D * pairs
+        input_grad = fwd if below or learns else 0
+        total += fwd + (fwd if learns else 0) + input_grad + attn * (3 if below or learns else 1)
     head_below = below or "last_block" in trainable
     total += 2 * D * lm.vocab_size * answers * (1 + lm_trains + head_below)   # the head at the answer positions
     if Dv is not None and images:
@@ -216,6 +220,8 @@ def write_report(run_dir, model, tok, eval_data=None, eval_images=None, train_da
              f"init: {info.get('model_init')}.", ""]
     runs = {s.name if s != run_dir else f"{s.name} (this run)": read_metrics(s / METRICS) for s in stages}
     runs = {k: v for k, v in runs.items() if v}
+    lines += ["Stages: " + ", ".join(f"{k}: {len(v)} steps, final loss {v[-1]['loss']:.4f}" for k, v in runs.items())
+              + ".", ""]
     charts = [("loss", "loss per stage", "loss", True), ("lr", "learning rate", "lr", False),
               ("grad_norm", "gradient norm (before clipping)", "grad_norm", True)]
     for key, title, field, log_y in charts:
@@ -233,8 +239,8 @@ def write_report(run_dir, model, tok, eval_data=None, eval_images=None, train_da
         lines += ["![throughput](report/throughput.png)", "", "## Throughput and MFU", "",
                   throughput_line(tput) + ".", "",
                   "FLOPs per step: forward 2 * N_layers * tokens + 4 * D * L * B*T^2 (attention) + 2 * D * V * "
-                  "answers (head) + 2 * Dv * D * patches (projector); backward 2x forward where weights learn, 1x "
-                  "where the gradient only passes through; the frozen encoder's forward only when not cached "
+                  "answers (head) + 2 * Dv * D * patches (projector); backward: weight gradients (1x forward) where "
+                  "weights learn, input gradients (1x) where something below learns; the frozen encoder's forward only when not cached "
                   f"({'cached here' if cached else 'not cached here'}). The peak is a timed fp32 torch.matmul "
                   f"(1024 x 1024) with {torch.get_num_threads()} thread(s).", ""]
         log(throughput_line(tput))
@@ -267,18 +273,18 @@ def _trainable_groups(model) -> list[str]:
 
 
 def _heatmaps(model, tok, examples: list, fig: Path, n: int) -> list[str]:
-    """The n right answers (of the first 32) whose attention fell most on the picture."""
+    """n answers (of the first 32) whose attention fell most on the picture, right answers first."""
     scored = []
     for paths, question, ref, pred in examples[:32]:
-        if paths and pred == ref:
+        if paths:
             heat, share = image_attention(model, tok, question, paths)
-            scored.append((share, heat, paths, question, pred))
-    scored.sort(key=lambda x: -x[0])
+            scored.append((pred == ref, share, heat, paths, question, pred))
+    scored.sort(key=lambda x: (not x[0], -x[1]))
     lines = ["## Where the answer looked", "",
              "Attention of the position that produces the first answer token over the image patches, averaged "
              "over heads and layers (red: most attended patch); the share is of all its attention.", ""]
-    for i, (share, heat, paths, question, pred) in enumerate(scored[:n]):
+    for i, (right, share, heat, paths, question, pred) in enumerate(scored[:n]):
         draw_heatmap(paths[0], heat, fig / f"attention_{i}.png", f"{pred} ({share:.0%} on image)")
-        lines += [f"- {question.replace('<image>', '').strip()} -> **{pred}** ({share:.0%} of the attention on the "
-                  f"picture)", f"  ![attention](report/attention_{i}.png)"]
+        lines += [f"- {question.replace('<image>', '').strip()} -> **{pred}** ({'right' if right else 'wrong'}; "
+                  f"{share:.0%} of the attention on the picture)", f"  ![attention](report/attention_{i}.png)"]
     return lines + [""]
