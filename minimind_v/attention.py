@@ -207,6 +207,42 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+# ----------------------------------------------------------------------------- opt-in capture
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The probabilities softmax(q k^T / sqrt(hd) + mask), written plainly, for inspection only.
+    q (B, T, H, hd), k (B, S, H_kv, hd), mask bool (T, S) / (B|1, 1, T, S) or None (causal) -> (B, H, T, S)."""
+    T, S = q.shape[1], k.shape[1]
+    k = repeat_kv(k, q.shape[2] // k.shape[2])                                    # (B, S, H, hd)
+    scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    mask = causal_mask(T, S, q.device) if mask is None else mask
+    # as `attend`: a large finite negative, so a row that sees no key (a left pad) stays finite
+    return scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
+
+
+class capture_attention:
+    """`with capture_attention(model) as maps:` each Attention layer of `model` appends the
+    probabilities of every forward to `maps[layer_idx]` (a list of (B, H, T, S) float32 tensors).
+
+    Opt-in and read-only: outside the block `Attention.record` is None and the forward is the
+    usual one. Used by `report.py` for attention heatmaps; the weights are recomputed from the
+    layer's own q and k (after RoPE, with the layer's mask), whichever attention path runs.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, Attention)]
+
+    def __enter__(self) -> dict[int, list]:
+        maps = {}
+        for layer in self.layers:
+            layer.record = maps.setdefault(layer.layer_idx, [])
+        return maps
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.record = None
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # The layer
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +261,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.record: list | None = None     # set by `capture_attention` only
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -238,6 +275,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)        # (B, S, H_kv, hd), S = past + T
+        if self.record is not None:                                 # opt-in inspection, see capture_attention
+            self.record.append(attention_weights(q, k, mask).detach())
         p = self.dropout if self.training else 0.0
         if self.impl == "manual" and mask is None and k.shape[1] == T:    # plain causal, no cache
             out = causal_attend_blocked(q, k, v, dropout_p=p, training=self.training)   # (B, T, H, hd)

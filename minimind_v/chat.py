@@ -17,14 +17,14 @@ Prompts of equal length are decoded together in one batch (no padding needed).
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from .generate import generate, stream
-from .image import read_pixels
+from .image import preprocess, read_pixels
 from .rundir import load_chat_model  # noqa: F401 (chat's loader; re-exported for callers)
 from .tokenizer import IMAGE_TOKEN, Tokenizer
 
@@ -91,37 +91,94 @@ def reply(model, tok, messages, pixels, max_new_tokens: int = 64) -> str:
 
 
 # ----------------------------------------------------------------------------- evaluation
+IMAGE_MODES = ("real", "blank", "shuffled", "none")
+
+
+def grey_pixels(size: int) -> torch.Tensor:
+    """The blank control: a constant mid-grey picture (128, 128, 128), preprocessed. (3, size, size)"""
+    from PIL import Image
+    return preprocess(Image.new("RGB", (size, size), (128, 128, 128)), size)
+
+
+def picture_derangement(shown: list[list], seed: int = 0) -> list[list]:
+    """Each record's pictures -> another record's pictures, never its own.
+
+    Records are grouped by how many pictures they have (a record with two `<image>` needs two);
+    within a group the *distinct* picture lists are moved along one random cycle (Sattolo's
+    algorithm: a uniformly random cyclic permutation, which has no fixed point), so even records
+    that share a picture all get a different one. A group with a single distinct picture list
+    cannot be deranged and keeps it.
+    """
+    rng = random.Random(seed)
+    out = [list(s) for s in shown]
+    groups = defaultdict(list)                       # picture count -> distinct picture lists, first-seen order
+    for s in shown:
+        key = tuple(str(p) for p in s)
+        if s and key not in groups[len(s)]:
+            groups[len(s)].append(key)
+    moved = {}
+    for keys in groups.values():
+        cycle = list(range(len(keys)))
+        for i in range(len(cycle) - 1, 0, -1):       # Sattolo: j < i (Fisher-Yates would allow j == i)
+            j = rng.randrange(i)
+            cycle[i], cycle[j] = cycle[j], cycle[i]
+        for i, key in enumerate(keys):
+            moved[key] = keys[cycle[i]]
+    by_str = {tuple(str(p) for p in s): s for s in shown}
+    for k, s in enumerate(shown):
+        key = tuple(str(p) for p in s)
+        if s:
+            out[k] = list(by_str[moved[key]])
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None, batch_size: int = 64,
-             max_new_tokens: int = 16, device="cpu") -> dict:
+             max_new_tokens: int = 16, device="cpu", images: str = "real", seed: int = 0) -> dict:
     """Exact-match accuracy of greedy replies on a JSONL split.
 
+    images: "real" (the records' pictures), or a control that shows what the score owes to them:
+    "blank" (every picture a constant mid-grey one), "shuffled" (each record gets another
+    record's picture: `picture_derangement(..., seed)`), "none" (the question without
+    its `<image>` and no picture).
     Returns {"accuracy", "correct", "total", "by_type": {qtype: (correct, total)}, "examples": [...]},
-    examples being (image paths, question, reference, prediction) for every record.
+    examples being (image paths shown, question, reference, prediction) for every record.
     """
     from .data import VLMDataset
 
+    if images not in IMAGE_MODES:
+        raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
     ds = VLMDataset(jsonl, image_root, tok, max_length=10 ** 9, num_patches=num_patches(model),
                     image_size=image_size(model), check_images=False)
     samples = ds.samples[:limit] if limit else ds.samples
-    groups = defaultdict(list)                       # prompt length -> records (no padding within a batch)
-    for k, (lineno, messages, images, _) in enumerate(samples):
+    shown = [list(s.images) for s in samples]                # the pictures each record is shown
+    if images == "shuffled":
+        shown = picture_derangement(shown, seed)
+    grey = grey_pixels(image_size(model)) if images == "blank" else None
+    groups = defaultdict(list)                       # (prompt length, images) -> records (no padding in a batch)
+    for k, (lineno, messages, imgs, _) in enumerate(samples):
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{jsonl}:{lineno}: the last turn must be the assistant's reference reply")
-        ids = prompt_ids(tok, messages[:-1], num_patches(model))
-        groups[(len(ids), len(images))].append((k, lineno, messages, images, ids))
+        prompt = messages[:-1]
+        if images == "none":
+            prompt = [dict(m, content=m["content"].replace(IMAGE_TOKEN, "")) for m in prompt]
+            shown[k] = []
+        ids = prompt_ids(tok, prompt, num_patches(model))
+        groups[(len(ids), len(shown[k]))].append((k, ids))
     predictions = {}
     for (_, n_img), items in groups.items():
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            ids = torch.tensor([it[4] for it in chunk], device=device)                    # (B, T)
-            images = None
-            if n_img:
-                images = torch.stack([load_pixels(it[3], image_size(model)) for it in chunk]).to(device)
-            out = generate(model, ids, max_new_tokens, eos_id=tok.eos_id, images=images)  # (B, T + n)
-            for it, row in zip(chunk, out[:, ids.shape[1]:].tolist()):
+            ids = torch.tensor([it[1] for it in chunk], device=device)                    # (B, T)
+            pixels = None
+            if n_img and grey is not None:
+                pixels = grey.expand(len(chunk), n_img, *grey.shape).to(device)           # (B, N, 3, S, S)
+            elif n_img:
+                pixels = torch.stack([load_pixels(shown[k], image_size(model)) for k, _ in chunk]).to(device)
+            out = generate(model, ids, max_new_tokens, eos_id=tok.eos_id, images=pixels)  # (B, T + n)
+            for (k, _), row in zip(chunk, out[:, ids.shape[1]:].tolist()):
                 row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
-                predictions[it[0]] = tok.decode(row)
+                predictions[k] = tok.decode(row)
     correct, by_type, examples = 0, defaultdict(lambda: [0, 0]), []
     for k, (lineno, messages, images, extra) in enumerate(samples):
         ref, pred = messages[-1]["content"].strip(), predictions[k].strip()
@@ -130,7 +187,7 @@ def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None,
         correct += hit
         by_type[qtype][0] += hit
         by_type[qtype][1] += 1
-        examples.append(([str(p) for p in images], messages[-2]["content"], ref, pred))
+        examples.append(([str(p) for p in shown[k]], messages[-2]["content"], ref, pred))
     total = len(samples)
     return {"accuracy": correct / total, "correct": correct, "total": total,
             "by_type": {k: tuple(v) for k, v in sorted(by_type.items())}, "examples": examples}
@@ -197,23 +254,6 @@ def cli_chat(argv: list[str]) -> int:
 
 
 def cli_eval(argv: list[str]) -> int:
-    """`minimind-v eval --checkpoint DIR --data JSONL --images DIR`"""
-    p = argparse.ArgumentParser(prog="minimind-v eval", description="Exact-match accuracy on a held-out split.")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="JSONL conversations; the last turn is the reference reply")
-    p.add_argument("--images", required=True, help="folder the records' image names are relative to")
-    p.add_argument("--limit", type=int, help="score only the first N records")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--show", type=int, default=5, help="print this many examples")
-    a = p.parse_args(argv)
-    check_sampling(p, a)
-    if a.limit is not None and a.limit < 1:
-        p.error(f"--limit must be >= 1, got {a.limit}")
-    model, tok, _ = load_chat_model(a.checkpoint)
-    res = evaluate(model, tok, a.data, a.images, a.limit, max_new_tokens=a.max_new_tokens)
-    for paths, q, ref, pred in res["examples"][:a.show]:
-        print(f"{', '.join(Path(x).name for x in paths)}  {q!r}  reference {ref!r}  model {pred!r}")
-    for qtype, (c, n) in res["by_type"].items():
-        print(f"  {qtype:10s} {c}/{n} = {c / n:.1%}")
-    print(f"exact match: {res['correct']}/{res['total']} = {res['accuracy']:.1%}")
-    return 0
+    """`minimind-v eval --checkpoint DIR --data JSONL --images DIR` (see `evaluation.cli`)."""
+    from .evaluation import cli
+    return cli(argv)

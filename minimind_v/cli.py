@@ -15,12 +15,15 @@ import traceback
 # subcommand -> (module, function, one-line help)
 COMMANDS = {
     "demo": ("minimind_v.demo", "cli", "train a small VLM end to end on generated shapes and show its answers"),
-    "train": ("minimind_v.train", "cli", "pretrain or SFT a model (see `minimind-v train --help`)"),
+    "train": ("minimind_v.train_cli", "cli", "pretrain or SFT a model (see `minimind-v train --help`)"),
     "chat": ("minimind_v.chat", "cli_chat", "talk to a checkpoint about an image (streams the answer)"),
     "serve": ("minimind_v.serve", "cli", "chat with a checkpoint about a picture in the browser (and a JSON API)"),
-    "eval": ("minimind_v.chat", "cli_eval", "exact-match accuracy of a checkpoint on a held-out JSONL split"),
+    "eval": ("minimind_v.evaluation", "cli", "exact match on a held-out JSONL split, with blank/shuffled/no-image "
+                                             "controls"),
+    "model-config": ("minimind_v.recipes", "cli_model_config", "write a small model config for a tokenizer and "
+                                                              "an image size"),
     "tokenizer": ("minimind_v.tokenizer", "cli", "train or inspect a sentencepiece tokenizer"),
-    "data": ("minimind_v.synthetic", "cli", "generate the synthetic shapes dataset (`data synth ...`)"),
+    "data": ("minimind_v.synthetic", "cli", "generate a dataset: `data synth` (shapes), `data scenes` (glyphs, relations)"),
     "import-upstream": ("minimind_v.upstream", "cli", "turn upstream MiniMind / MiniMind-V release files into a checkpoint directory"),
     "convert-clip": ("minimind_v.clip_weights", "cli", "convert CLIP vision weights (any format) to a plain state dict"),
     "lessons": ("minimind_v.lesson_progress", "cli", "your progress through lessons/ (`lessons check NN` grades one)"),

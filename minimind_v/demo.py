@@ -13,7 +13,7 @@ everywhere else):
   which cell holds what (with two layers some seeds learned the "where" questions far later).
   Because it never changes, its features are computed once (the feature cache);
 - language model: hidden 128, 2 layers, 4 query heads sharing 2 key/value heads, and embeddings
-  drawn larger than usual (see `run`).
+  drawn larger than usual (`recipes.py`: the demo trains with the `from-scratch-small` recipe).
 
 Two stages, as MiniMind2-V: a short pretraining on captions (projector + last LM block learn),
 then SFT on the questions (LM + projector learn). The question comes before `<image>` in every
@@ -38,59 +38,33 @@ from pathlib import Path
 
 import torch
 
-from .config import LMConfig, VisionConfig, VLMConfig
+from .config import VLMConfig
+from .recipes import ModelInit, apply_init, get, model_config, resolve
 from .rundir import write_config
 from .train import TrainConfig, train
 
-# the demo's settings; --quick shrinks them to run in seconds (a smoke test, not a good model)
-FULL = dict(n_train=24000, n_test=500, pretrain_steps=120, sft_steps=4000, batch_size=64, lr=2e-3,
-            hidden=128, layers=2, vision_hidden=128, vision_layers=1, embed_std=0.1,
-            pos_scale=10.0)
-QUICK = dict(n_train=96, n_test=24, pretrain_steps=4, sft_steps=12, batch_size=16, lr=2e-3,
-             hidden=32, layers=2, vision_hidden=32, vision_layers=1, embed_std=0.1,
-             pos_scale=10.0)
+# the demo's data; the model and training settings are the recipes' (`recipes.py`): the full demo is
+# `from-scratch-small`, --quick is `smoke` (a check that runs in seconds, not a good model)
+FULL = dict(n_train=24000, n_test=500, recipe="from-scratch-small")
+QUICK = dict(n_train=96, n_test=24, recipe="smoke")
 
 
-def demo_config(vocab_size: int, image_pad_id: int, s: dict) -> VLMConfig:
-    heads = max(2, s["hidden"] // 32)
-    return VLMConfig(
-        lm=LMConfig(vocab_size=vocab_size, hidden_size=s["hidden"], num_layers=s["layers"], num_heads=heads,
-                    num_kv_heads=heads // 2, max_seq_len=256),
-        vision=VisionConfig(image_size=48, patch_size=16, hidden_size=s["vision_hidden"],
-                            num_layers=s["vision_layers"], num_heads=max(2, s["vision_hidden"] // 32),
-                            intermediate_size=4 * s["vision_hidden"]),
-        image_pad_id=image_pad_id, num_patches=9)
-
-
-def save_grid(examples: list, path: Path, columns: int = 4, cell: int = 144) -> None:
-    """Test pictures with their question, the reference and the model's answer (green if right)."""
-    from PIL import Image, ImageDraw
-
-    rows = (len(examples) + columns - 1) // columns
-    text_h = 52
-    grid = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (paths, question, ref, pred) in enumerate(examples):
-        x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
-        with Image.open(paths[0]) as im:
-            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
-        draw.text((x + 3, y + cell + 2), question.replace("<image>", "").strip()[:28], fill="black")
-        draw.text((x + 3, y + cell + 18), f"model: {pred}"[:28], fill=(0, 130, 0) if pred == ref else (200, 0, 0))
-        if pred != ref:
-            draw.text((x + 3, y + cell + 34), f"truth: {ref}"[:28], fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+def demo_config(vocab_size: int, image_pad_id: int, recipe) -> VLMConfig:
+    """48 px pictures, 16 px patches: one patch per cell of the 3x3 grid; sizes from the recipe's preset."""
+    return model_config(vocab_size, image_pad_id, image_size=48, preset=recipe.preset)
 
 
 def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None, log=print, **overrides) -> dict:
     """The whole demo; returns {"accuracy", "seconds", "checkpoint", "grid", ...}."""
-    from .chat import evaluate
     from .data import VLMDataset, collate
+    from .evaluation import controls, table
+    from .report import save_grid, write_report
     from .synthetic import answer_words, make_dataset
     from .tokenizer import Tokenizer
     from .vlm import MiniMindVLM
 
-    s = dict(QUICK if quick else FULL, **overrides)
+    s = dict(QUICK if quick else FULL)
+    recipe = get(s["recipe"])
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir)
@@ -116,49 +90,42 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
     log(f"[2/5] trained a BPE tokenizer: {len(tok)} pieces, every answer word one piece")
     lap("tokenizer")
 
-    # 3. model
-    cfg = demo_config(len(tok), tok.image_pad_id, s)
+    # 3. model: the recipe's preset and initialisation (a frozen random ViT with its position
+    # embeddings x10, token embeddings drawn with std 0.1: recipes.py says why)
+    cfg = demo_config(len(tok), tok.image_pad_id, recipe)
     torch.manual_seed(seed)
     model = MiniMindVLM(cfg)
-    with torch.no_grad():
-        # The output layer is the embedding matrix (tied). At the usual std 0.02 its rows have norm
-        # 0.02 * sqrt(128) = 0.23, and the final RMSNorm gives h a norm of sqrt(128) = 11.3, so no
-        # logit can exceed 11.3 * 0.23 = 2.6: over 600+ pieces the model cannot be confident. The real
-        # model starts from a trained LM whose embeddings are far larger; starting from scratch, and
-        # with the embeddings frozen during pretraining, we draw them larger instead.
-        model.lm.embed_tokens.weight.normal_(0.0, s["embed_std"])
-        # The random ViT's position embeddings (std D^-0.5 = 0.09) are ~6x weaker than the content
-        # its patch convolution writes (~0.6), so a patch vector barely says where it sits, and
-        # "What is at the bottom left?" has little to go on. A trained CLIP has learned strong
-        # ones; our frozen random encoder gets them scaled up instead: x10, a little louder than
-        # the content. (x6 took position questions from 78% to 87% at 3000 steps, but left one
-        # seed in five at 91% overall, position 75%; lesson 10 has the runs.)
-        model.vision_encoder.position_embedding.mul_(s["pos_scale"])
+    init, _ = resolve(ModelInit, dict(recipe.init), {})
+    apply_init(model, init, log=lambda m: None)
     n_lm = sum(p.numel() for p in model.lm.parameters())
     n_all = sum(p.numel() for p in model.parameters())
     log(f"      model: {n_all:,} parameters ({n_lm:,} language model, "
-        f"{sum(p.numel() for p in model.vision_encoder.parameters()):,} frozen vision encoder)")
+        f"{sum(p.numel() for p in model.vision_encoder.parameters()):,} frozen vision encoder); recipe {recipe.name}")
     datasets = {split: VLMDataset(data / f"{split}_train.jsonl", data / "images", tok, max_length=128, keep_encoded=True,
                                   num_patches=cfg.num_patches, image_size=48) for split in ("pretrain", "sft")}
-    common = dict(batch_size=s["batch_size"], lr=s["lr"], epochs=10 ** 6, warmup_steps=0, feature_cache=True,
-                  cache_dir=str(out / "feature_cache"), log_every=100 if not quick else 4, seed=seed,
-                  overwrite=True)      # the demo's folder is its own: each run replaces the last
+    steps = {"pretrain": overrides.get("pretrain_steps"), "sft": overrides.get("sft_steps")}
     stages = {}
-    for i, (stage, steps) in enumerate((("pretrain", s["pretrain_steps"]), ("sft", s["sft_steps"])), start=3):
+    for i, stage in enumerate(("pretrain", "sft"), start=3):
+        given = dict(stage=stage, cache_dir=str(out / "feature_cache"), seed=seed, overwrite=True)  # the folder is the demo's
+        if steps[stage] is not None:
+            given["max_steps"] = steps[stage]
+        tcfg, _ = resolve(TrainConfig, recipe.stages[stage], given)
         ckpt = out / stage
-        write_config(ckpt, cfg, stage, tok.model_file, demo_seed=seed)
-        log(f"[{i}/5] {stage}: {'captions' if stage == 'pretrain' else 'questions and answers'}, {steps} steps")
-        stages[stage] = train(model, datasets[stage], collate, TrainConfig(stage=stage, max_steps=steps, **common),
-                              ckpt, log=lambda m: log("      " + m))
+        write_config(ckpt, cfg, stage, tok.model_file, demo_seed=seed, recipe=recipe.name,
+                     init=str(out / "pretrain") if stage == "sft" else None, model_init=vars(init))
+        log(f"[{i}/5] {stage}: {'captions' if stage == 'pretrain' else 'questions and answers'}, {tcfg.max_steps} steps")
+        stages[stage] = train(model, datasets[stage], collate, tcfg, ckpt, log=lambda m: log("      " + m))
         lap(stage)
 
-    # 5. evaluate on held-out pictures
+    # 5. evaluate on held-out pictures, with the controls: blank / shuffled / no picture, majority answer
     model.eval()
-    res = evaluate(model, tok, data / "sft_test.jsonl", data / "images")
+    log(f"[5/5] held-out exact match, and the same model without the real pictures:")
+    results = controls(model, tok, data / "sft_test.jsonl", data / "images", data / "sft_train.jsonl")
+    res = results["real"]
     lap("eval")
-    log(f"[5/5] held-out exact match: {res['correct']}/{res['total']} = {res['accuracy']:.1%}")
-    for qtype, (c, n) in res["by_type"].items():
-        log(f"      {qtype:9s} {c:4d}/{n:<4d} {c / n:6.1%}")
+    for line in table(results):
+        log("      " + line)
+    log(f"      held-out exact match: {res['correct']}/{res['total']} = {res['accuracy']:.1%}")
     lines = [json.loads(x) for x in (data / "sft_test.jsonl").read_text(encoding="utf-8").splitlines()]
     english = [ex for ex, rec in zip(res["examples"], lines) if rec.get("lang") == "en"]
     chinese = [ex for ex, rec in zip(res["examples"], lines) if rec.get("lang") != "en"]
@@ -169,13 +136,17 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
             + ("" if pred == ref else f"   (truth: {ref})"))
     grid = out / "answers.png"
     save_grid(english[:12], grid)          # Pillow's built-in font draws Latin text only
+    english_only = dict(results, real=dict(res, examples=english))
+    report = write_report(out / "sft", model, tok, cached=True, stages=[out / "pretrain", out / "sft"],
+                          results=english_only, log=lambda m: log("      " + m))
+    lap("report")
     total = time.time() - t0
-    log(f"saved {grid}; checkpoint {out / 'sft'} (try: minimind-v chat --checkpoint {out / 'sft'} "
+    log(f"saved {grid}, {report}; checkpoint {out / 'sft'} (try: minimind-v chat --checkpoint {out / 'sft'} "
         f"--image {english[0][0][0] if english else 'PICTURE'} \"How many shapes are there?\")")
     log("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
     return {"accuracy": res["accuracy"], "by_type": res["by_type"], "seconds": total, "timings": timings,
-            "checkpoint": str(out / "sft"), "grid": str(grid), "examples": res["examples"],
-            "losses": {k: v.losses for k, v in stages.items()}}
+            "checkpoint": str(out / "sft"), "grid": str(grid), "examples": res["examples"], "controls": results,
+            "report": str(report), "losses": {k: v.losses for k, v in stages.items()}}
 
 
 def cli(argv: list[str]) -> int:

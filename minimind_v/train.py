@@ -28,12 +28,10 @@ the run directory it writes, locked for one run at a time (`rundir.py`).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +151,18 @@ def forward_loss(model, batch: dict, device: torch.device):
     logits_at, targets = loss_positions(labels)        # (B, T) bool, (K,)
     logits = model(input_ids, logits_at=logits_at, **kwargs)    # (K, V)
     return F.cross_entropy(logits.float(), targets), input_ids.numel()
+
+
+def step_work(batch: dict, work: dict | None) -> dict:
+    """Add a micro-batch's work to the step's counts (for throughput and FLOPs, see `report.py`):
+    tokens (B*T, padding included), rows, attention pairs (B*T^2), answer positions, images."""
+    B, T = batch["input_ids"].shape
+    n_img = int(batch["image_counts"].sum()) if batch.get("image_counts") is not None else 0
+    n_lab = int((batch["labels"] != -100).sum()) if batch.get("labels") is not None else 0
+    work = work or {"tokens": 0, "rows": 0, "pairs": 0, "targets": 0, "images": 0}
+    for k, v in (("tokens", B * T), ("rows", B), ("pairs", B * T * T), ("targets", n_lab), ("images", n_img)):
+        work[k] += v
+    return work
 
 
 def optimizer_step(optimizer, scaler, params, lr: float, grad_clip: float, diverged) -> torch.Tensor:
@@ -316,6 +326,7 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
             loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=tcfg.num_workers)
             micro = 0
             step_loss = torch.zeros((), device=device)
+            work = None
             for batch in loader:
                 lr = lr_at(step, total, tcfg.lr, tcfg.warmup_steps, tcfg.min_lr_ratio)
                 last_micro = (micro + 1) % tcfg.accum_steps == 0
@@ -330,6 +341,7 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 step_loss += scaled.detach()
                 tokens_since_log += n_tok * world
+                work = step_work(batch, work)
                 micro += 1
                 if not last_micro:
                     continue
@@ -349,7 +361,8 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
                 result.losses.append(loss_value)
                 if is_main:
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                              "grad_norm": float(grad_norm), "time": time.time() - t_start}) + "\n")
+                                              "grad_norm": float(grad_norm), "time": time.time() - t_start,
+                                              **{k: v * world for k, v in work.items()}}) + "\n")
                     metrics.flush()
                 if step % tcfg.log_every == 0 or step == total:
                     now = time.time()
@@ -366,7 +379,7 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
                     break
                 if step >= total:                          # max_steps may end mid-epoch
                     break
-                micro = 0
+                micro, work = 0, None
             if result.stopped_early:
                 break
         if not result.stopped_early:
@@ -393,73 +406,3 @@ def _diverged_message(what, value, step, epoch, batch, last_saved, ckpt_path) ->
             else "no checkpoint was written yet (--save-every N writes them); start again with a lower --lr")
     return (f"{what} is {float(value.detach())} at step {step} (epoch {epoch}, batch {batch}): training stopped; "
             f"{keep}")
-
-
-# ----------------------------------------------------------------------------- command line
-def cli(argv: list[str]) -> int:
-    """`minimind-v train --stage pretrain|sft --data JSONL --images DIR --tokenizer MODEL --out DIR`"""
-    from .config import VLMConfig
-    from .data import VLMDataset, collate
-    from .options import add_config_options, config_from_args
-    from .rundir import initialise, read_config, tokenizer_file, write_config
-    from .tokenizer import load_tokenizer
-    from .vlm import MiniMindVLM
-
-    p = argparse.ArgumentParser(prog="minimind-v train", description="Pretrain or SFT a MiniMind-V model.")
-    p.add_argument("--data", required=True, help="JSONL conversations in upstream MiniMind-V's format")
-    p.add_argument("--images", required=True, help="folder the 'image' names are relative to")
-    p.add_argument("--tokenizer", help="sentencepiece .model, tokenizer.json or its folder (default: the --init "
-                                       "directory's)")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--init", help="previous stage's directory, our LM model.pt, or an upstream .pth")
-    p.add_argument("--clip", help="CLIP vision weights (OpenAI .pt, HF folder/safetensors/bin)")
-    p.add_argument("--model-config", help="JSON file with VLMConfig fields (default: the real config, "
-                                          "or the --init directory's)")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records instead of failing")
-    add_config_options(p, TrainConfig)
-    a = p.parse_args(argv)
-    if a.stage is None:
-        p.error("--stage is required (pretrain or sft)")
-    tcfg = config_from_args(a, TrainConfig)
-
-    init_dir = Path(a.init) if a.init and Path(a.init).is_dir() else None
-    if a.model_config:
-        cfg = VLMConfig(**json.loads(Path(a.model_config).read_text()))
-    elif init_dir is not None:
-        cfg = VLMConfig(**read_config(init_dir)["model_config"])      # an imported upstream model too
-    else:
-        cfg = VLMConfig()
-    init_info = read_config(init_dir) if init_dir is not None else {}
-    tok_file = a.tokenizer or (tokenizer_file(init_dir, init_info) if init_dir is not None else None)
-    if tok_file is None:
-        p.error("--tokenizer is required (or an --init directory that holds one)")
-    tok = load_tokenizer(tok_file, label_newline=init_info.get("label_newline"))
-    if len(tok) > cfg.lm.vocab_size:
-        raise ValueError(f"{tok_file}: the tokenizer has {len(tok)} pieces, more than the model's "
-                         f"vocab_size {cfg.lm.vocab_size}")
-    if cfg.image_pad_id != tok.image_pad_id:
-        cfg.image_pad_id = tok.image_pad_id
-    rank = int(os.environ.get("RANK", "0"))
-    log = print if rank == 0 else (lambda *_: None)
-    with RunLock(a.out, log) if rank == 0 else contextlib.nullcontext():
-        if rank == 0:
-            prepare(a.out, tcfg.resume, tcfg.overwrite, log)      # before anything is written into OUT
-        torch.manual_seed(tcfg.seed)
-        model = MiniMindVLM(cfg)
-        if not tcfg.resume:                                       # a resume takes every weight from its checkpoint
-            initialise(model, a.init, a.clip, log=log)
-        dataset = VLMDataset(a.data, a.images, tok, max_length=tcfg.max_length, num_patches=cfg.num_patches,
-                             image_size=cfg.vision.image_size, skip_bad=a.skip_bad)
-        if rank == 0 and not tcfg.resume:
-            keep = {k: init_info[k] for k in ("label_newline", "image_alpha", "image_position") if k in init_info}
-            write_config(a.out, cfg, tcfg.stage, tok_file, init=a.init, clip=a.clip, **keep)
-        try:
-            train(model, dataset, collate, tcfg, a.out, log=log)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli(sys.argv[1:]))

@@ -12,7 +12,8 @@ from minimind_v.generate import generate
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMIND_V_CACHE", str(tmp_path / "cache"))        # the matmul peak, not in ~/.cache
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -25,8 +26,16 @@ def test_quick_demo_end_to_end_and_its_checkpoint_chats(tmp_path, capsys):
     log = capsys.readouterr().out
     for stage_line in ("[1/5]", "[2/5]", "[3/5] pretrain", "[4/5] sft", "[5/5] held-out exact match"):
         assert stage_line in log
+    # the vision-reliance controls, the image gain first
+    gain = log.index("image gain (real - blank):")
+    assert gain < log.index("qtype ") < log.index("majority baseline from the training split")
+    for control in ("blank", "shuffled", "none", "majority"):
+        assert control in log[gain:]
+    report = (out / "sft" / "report.md").read_text()
+    assert "pretrain" in report and "Throughput and MFU" in report and "report/attention_0.png" in report
     for f in ("data/sft_test.jsonl", "pretrain/model.pt", "pretrain/loss.png", "sft/model.pt", "sft/config.json",
-              "sft/tokenizer.model", "sft/metrics.jsonl", "sft/loss.png", "answers.png"):
+              "sft/tokenizer.model", "sft/metrics.jsonl", "sft/loss.png", "answers.png", "sft/report/loss.png",
+              "sft/report/accuracy.png", "sft/report/answers.png"):
         assert (out / f).is_file(), f
     losses = [json.loads(x)["loss"] for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 12 and losses[-1] < losses[0]            # it learns something even in seconds

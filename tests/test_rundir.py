@@ -149,7 +149,7 @@ def cli_args(root, data, tok, out, *extra):
 
 def test_cli_kill_and_resume_with_the_feature_cache_equals_an_uninterrupted_run(cli_data, tmp_path, capsys):
     """The resumed run rebuilds nothing from an untrained encoder: every loss is bitwise the same."""
-    from minimind_v.train import cli
+    from minimind_v.train_cli import cli
     root, data, tok = cli_data
     torch.set_num_threads(1)
     assert cli(cli_args(root, data, tok, tmp_path / "full")) == 0
