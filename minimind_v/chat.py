@@ -251,9 +251,3 @@ def cli_chat(argv: list[str]) -> int:
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(text)})
     return 0
-
-
-def cli_eval(argv: list[str]) -> int:
-    """`minimind-v eval --checkpoint DIR --data JSONL --images DIR` (see `evaluation.cli`)."""
-    from .evaluation import cli
-    return cli(argv)

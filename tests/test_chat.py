@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from minimind_v.chat import cli_chat, cli_eval, evaluate, load_chat_model, load_pixels, prompt_ids, reply, \
+from minimind_v.chat import cli_chat, evaluate, load_chat_model, load_pixels, prompt_ids, reply, \
     user_message
+from minimind_v.evaluation import cli as cli_eval
 from minimind_v.checkpoint import atomic_save
 from minimind_v.config import tiny_vlm
 from minimind_v.generate import generate
