@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import LMConfig
+from .first_release import is_first_release, to_current
 from .safetensors_io import check_finite
 
 # One table, read in both directions: upstream's name <-> ours; {i} is the layer index, {p} a
@@ -133,7 +134,9 @@ def load_upstream(path_or_state_dict, cfg, clip=None):
 
     `cfg` is an `LMConfig` (returns `MiniMindLM`) or a `VLMConfig` (returns `MiniMindVLM`,
     whose frozen encoder comes from `clip`). Tied embeddings: upstream files may or may not
-    store `lm_head.weight`; when present it must equal the embedding matrix.
+    store `lm_head.weight`; when present it must equal the embedding matrix. Files of the first
+    MiniMind2-V release (`tok_embeddings`, `layers.N.attention.wq`, interleaved RoPE) are renamed
+    and their q/k rows reordered first (`first_release.py`).
     """
     from .lm import MiniMindLM
 
@@ -141,6 +144,8 @@ def load_upstream(path_or_state_dict, cfg, clip=None):
         state, source = path_or_state_dict, "state dict"
     else:
         state, source = load_state_dict(path_or_state_dict), str(path_or_state_dict)
+    if is_first_release(state):
+        state = to_current(state, (cfg if isinstance(cfg, LMConfig) else cfg.lm).num_heads, source)
     if not isinstance(cfg, LMConfig):
         return _load_upstream_vlm(state, cfg, clip, source)
     model = MiniMindLM(cfg)

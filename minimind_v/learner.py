@@ -51,7 +51,7 @@ CALL_SITES = {
     "minimind_v.vision:patchify": ["minimind_v.vision:patchify"],
     "minimind_v.vision:attention": ["minimind_v.vision:attention"],           # VisionAttention
     "minimind_v.vision:VisionBlock": ["minimind_v.vision:VisionBlock"],       # CLIPVisionTransformer
-    "minimind_v.image:preprocess": ["minimind_v.data:preprocess", "minimind_v.chat:preprocess"],
+    "minimind_v.image:preprocess": ["minimind_v.image:preprocess", "minimind_v.chat:preprocess"],  # read_pixels
     "minimind_v.vlm:VisionProjector": ["minimind_v.vlm:VisionProjector"],     # MiniMindVLM
     "minimind_v.splice:find_matches": ["minimind_v.splice:find_matches"],
     "minimind_v.splice:select_runs": ["minimind_v.splice:select_runs"],
@@ -64,15 +64,15 @@ CALL_SITES = {
     "minimind_v.freeze:param_groups": ["minimind_v.train:param_groups"],
     "minimind_v.freeze:apply_freeze": ["minimind_v.train:apply_freeze"],
     "minimind_v.train:epoch_batches": ["minimind_v.train:epoch_batches"],
-    "minimind_v.ops:rms_norm_forward": ["minimind_v.norm:rms_norm_forward"],  # the reference rms_norm
-    "minimind_v.ops:RMSNormFunction": ["minimind_v.norm:rms_norm"],           # only if rms_norm is not yours
+    "minimind_v.norm:rms_norm_forward": ["minimind_v.norm:rms_norm_forward"],  # the reference rms_norm
+    "minimind_v.norm:RMSNormFunction": ["minimind_v.norm:rms_norm"],           # only if rms_norm is not yours
 }
-FALLBACK = {"minimind_v.splice:splice_loop", "minimind_v.ops:RMSNormFunction"}   # applied last, if the site is free
+FALLBACK = {"minimind_v.splice:splice_loop", "minimind_v.norm:RMSNormFunction"}   # applied last, if the site is free
 # why a passing exercise is not swapped in
 NOT_CALLED = {
     "minimind_v.lm:MiniMindLM": "the VLM also needs embed/forward_embeds/logits_at, beyond the lesson",
     "minimind_v.generate:generate": "chat and eval stream with images through generate.stream",
-    "minimind_v.ops:rms_norm_backward": "the eager model lets autograd derive the backward",
+    "minimind_v.norm:rms_norm_backward": "the eager model lets autograd derive the backward",
 }
 
 
@@ -90,6 +90,16 @@ def _vision_block(mine, ref):
     return VisionBlock, 1
 
 
+def _preprocess(mine, ref):
+    """The model calls preprocess(image, size, alpha, reducing_gap); yours takes (image, size):
+    yours runs for the default alpha ("white") and exact resizing, the other options stay ours."""
+    def preprocess(image, size=224, alpha="white", reducing_gap=None):
+        if alpha == "white" and reducing_gap is None:
+            return mine(image, size)
+        return ref(image, size, alpha=alpha, reducing_gap=reducing_gap)
+    return preprocess, 2
+
+
 def _function_apply(mine, ref):
     def rms_norm(x, weight, eps=1e-5):
         return mine.apply(x, weight, eps)
@@ -98,7 +108,8 @@ def _function_apply(mine, ref):
 
 # target -> adapter(mine, ref) -> (object to install, reference parameters the adapter fills or None)
 ADAPTERS = {"minimind_v.norm:RMSNorm": _rmsnorm, "minimind_v.vision:VisionBlock": _vision_block,
-            "minimind_v.ops:RMSNormFunction": _function_apply}
+            "minimind_v.image:preprocess": _preprocess,
+            "minimind_v.norm:RMSNormFunction": _function_apply}
 
 
 # ------------------------------------------------------------------------------ plain paths (HOOKS)
@@ -112,6 +123,8 @@ def plain_attention_forward(self, x, cos, sin, mask, kv_cache=None):
     q, k = A.apply_rope(q, k, cos, sin)
     if kv_cache is not None:
         k, v = kv_cache.update(self.layer_idx, k, v)                 # (B, S, H_kv, hd)
+    if getattr(self, "record", None) is not None:                    # capture_attention (the report's heatmaps)
+        self.record.append(A.attention_weights(q, k, mask).detach())
     if mask is None:
         mask = A.causal_mask(T, k.shape[1], x.device)                # (T, S)
     q = q.transpose(1, 2)                                            # (B, H, T, hd)

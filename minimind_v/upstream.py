@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_save, load_state_dict, load_upstream, translate_upstream
 from .config import LMConfig, VLMConfig
+from .first_release import is_first_release, to_current
 from .rundir import WEIGHTS, RunLock, prepare, write_config
 
 UPSTREAM_CONTEXT = 32768            # MiniMind's max_position_embeddings
@@ -40,6 +41,8 @@ UPSTREAM_HEADS = 8                  # MiniMind's num_attention_heads at every re
 
 def detect(state: dict, source, num_heads: int = UPSTREAM_HEADS) -> dict:
     """What an upstream state dict is: kind ("lm" | "vlm") and the LM's sizes, from the shapes alone."""
+    if is_first_release(state):
+        state = to_current(state, num_heads, source)
     ours, unknown = translate_upstream({k: v for k, v in state.items() if not k.startswith("vision_proj.")})
     if unknown:
         raise ValueError(f"{source}: keys that are not upstream MiniMind's ({len(unknown)}): "
@@ -87,6 +90,8 @@ def import_upstream(weights, out, clip=None, tokenizer=None, max_seq_len: int = 
     weights, out = Path(weights), Path(out)
     state = load_state_dict(weights)
     found = detect(state, weights, num_heads)
+    if is_first_release(state):
+        log(f"{weights}: the first MiniMind2-V release's key names (interleaved RoPE): renamed, q/k rows reordered")
     log(f"{weights}: upstream {'MiniMind-V' if found['kind'] == 'vlm' else 'MiniMind LLM'}, vocab "
         f"{found['vocab_size']}, hidden {found['hidden_size']}, {found['num_layers']} layers, "
         f"{found['num_heads']} query / {found['num_kv_heads']} key-value heads, FFN {found['intermediate_size']}")

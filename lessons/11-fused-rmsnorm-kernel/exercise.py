@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 REFERENCE = {
-    "rms_norm_forward": "minimind_v.ops:rms_norm_forward",
-    "rms_norm_backward": "minimind_v.ops:rms_norm_backward",
-    "RMSNormFunction": "minimind_v.ops:RMSNormFunction",
+    "rms_norm_forward": "minimind_v.norm:rms_norm_forward",
+    "rms_norm_backward": "minimind_v.norm:rms_norm_backward",
+    "RMSNormFunction": "minimind_v.norm:RMSNormFunction",
 }
 
 
