@@ -27,6 +27,7 @@ import importlib.util
 import inspect
 import os
 import re
+import sys
 import types
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def _mutants(path: str) -> list:
     if path not in _MUTANTS:
         spec = importlib.util.spec_from_file_location("lesson_mutants", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module              # dataclasses look their module up there
         spec.loader.exec_module(module)
         _MUTANTS[path] = list(module.MUTANTS)
     return _MUTANTS[path]
@@ -102,6 +104,13 @@ def pytest_generate_tests(metafunc):
     else:
         raise pytest.UsageError(f"MINIMIND_V_GRADE must be 'each' or 'mutants:PATH', got {mode!r}")
     metafunc.parametrize("ex", params, indirect=True, ids=[p[1] for p in params])
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every lesson test starts from the same random state: no test depends on luck."""
+    import torch
+    torch.manual_seed(0)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ one must fail, otherwise it would grade nothing.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -59,3 +60,14 @@ def test_every_lesson_test_fails_on_the_stubs(tmp_path):
             passed.append(name)
     assert failed, "no lesson test ran against the stubs"
     assert not passed, "these lesson tests do not fail on the untouched stubs:\n" + "\n".join(passed)
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.name)
+def test_every_exercise_is_called_by_a_test(lesson):
+    # `minimind-v lessons` grades an exercise by the tests that call `ex.NAME`: each needs one
+    from minimind_v.lesson_progress import read_exercise
+    mapping, _, error = read_exercise(lesson / "exercise.py")
+    assert not error and mapping, f"{lesson.name}/exercise.py: {error or 'empty REFERENCE'}"
+    tests = "\n".join(p.read_text(encoding="utf-8") for p in lesson.glob("test_*.py"))
+    uncalled = [n for n in mapping if not re.search(rf"\bex\.{re.escape(n)}\b", tests)]
+    assert not uncalled, f"{lesson.name}: no test calls ex.{', ex.'.join(uncalled)}"

@@ -26,25 +26,37 @@ def test_repetition_penalty_matches_transformers(ex):
     logits = torch.randn(3, 30, generator=g) * 2
     seen = torch.randint(0, 30, (3, 10), generator=g)
     ref = gen.RepetitionPenaltyLogitsProcessor(penalty=1.5)(seen, logits.clone())
-    torch.testing.assert_close(ex.apply_repetition_penalty(logits, seen, 1.5), ref, rtol=0, atol=0)
+    before = logits.clone()
+    got = ex.apply_repetition_penalty(logits, seen, 1.5)
+    assert torch.equal(logits, before), "apply_repetition_penalty changed its input logits in place: return new ones"
+    torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=lambda m: (
+        "not transformers' repetition penalty: each seen token once (even if seen twice), positive logits divided "
+        f"by the penalty, negative ones multiplied\n{m}"))
 
 
 def test_top_k_matches_transformers(ex):
     gen = pytest.importorskip("transformers.generation.logits_process")
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1))
     for k in (1, 4, 30):
-        assert torch.equal(ex.top_k_filter(logits, k), gen.TopKLogitsWarper(top_k=k)(None, logits.clone()))
+        assert torch.equal(ex.top_k_filter(logits, k), gen.TopKLogitsWarper(top_k=k)(None, logits.clone())), \
+            f"top_k_filter(logits, {k}) does not keep exactly the {k} largest logits per row (others -inf)"
+    tied = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]])
+    kept = torch.isfinite(ex.top_k_filter(tied, 2))[0].tolist()
+    assert kept == [True, False, True, True, False], (
+        f"top_k_filter(k=2) on [3, 1, 2, 2, 0] kept {kept}: a logit equal to the k-th largest is kept too")
 
 
 def test_top_p_keeps_the_nucleus(ex):
     logits = torch.tensor([[0.05, 0.5, 0.1, 0.15, 0.2]]).log()
     def kept(p):
         return torch.isfinite(ex.top_p_filter(logits, p))[0].nonzero().flatten().tolist()
-    assert kept(0.45) == [1]
-    assert kept(0.8) == [1, 3, 4]
-    assert kept(0.9) == [1, 2, 3, 4]
+    for p, want in ((0.45, [1]), (0.8, [1, 3, 4]), (0.9, [1, 2, 3, 4])):
+        assert kept(p) == want, (f"probabilities [0.05, 0.5, 0.1, 0.15, 0.2], p={p}: kept tokens {kept(p)}, expected "
+                                 f"{want}: take the most likely until their total first reaches p (that one included)")
+    before = logits.clone()
     out = ex.top_p_filter(logits, 0.8)
-    assert torch.equal(out[0, [1, 3, 4]], logits[0, [1, 3, 4]])
+    assert torch.equal(logits, before), "top_p_filter changed its input logits in place"
+    assert torch.equal(out[0, [1, 3, 4]], logits[0, [1, 3, 4]]), "top_p_filter changed the logits it keeps"
 
 
 def test_next_token(ex):
@@ -57,7 +69,14 @@ def test_next_token(ex):
     probs = torch.tensor([0.7, 0.2, 0.1])
     picks = ex.next_token(probs.log().expand(3000, 3), torch.zeros(3000, 0, dtype=torch.long),
                           temperature=1.0, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(torch.bincount(picks, minlength=3) / 3000.0, probs, rtol=0, atol=0.03)
+    torch.testing.assert_close(torch.bincount(picks, minlength=3) / 3000.0, probs, rtol=0, atol=0.03,
+                               msg="sampled frequencies do not follow softmax(logits / temperature)")
+    # the generator decides, not the global random state
+    torch.manual_seed(1)
+    a = ex.next_token(logits, seen, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(2)
+    b = ex.next_token(logits, seen, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b), "two calls with equally seeded generators sampled differently: pass generator= to multinomial"
 
 
 def test_greedy_generate_equals_recomputing(ex, model):
@@ -66,7 +85,19 @@ def test_greedy_generate_equals_recomputing(ex, model):
     with torch.no_grad():
         for _ in range(12):
             slow = torch.cat([slow, model(slow)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(ex.generate(model, ids, 12), slow)
+    lengths = []
+
+    class Spy(torch.nn.Module):
+        max_seq_len = model.max_seq_len
+
+        def forward(self, ids, kv_cache=None, **kw):
+            lengths.append((ids.shape[1], kv_cache is not None))
+            return model(ids, kv_cache=kv_cache, **kw)
+    out = ex.generate(Spy().eval(), ids, 12)
+    assert torch.equal(out, slow), f"greedy generate gave {out.tolist()}, recomputing the whole sequence gives {slow.tolist()}"
+    assert all(cached for _, cached in lengths), "generate called the model without a kv_cache"
+    assert [t for t, _ in lengths[1:]] == [1] * (len(lengths) - 1), (
+        f"the model saw inputs of lengths {[t for t, _ in lengths]}: after the prefill, feed one new token per step")
 
 
 def test_seeded_sampling_eos_and_context_limit(ex, model):
@@ -75,6 +106,12 @@ def test_seeded_sampling_eos_and_context_limit(ex, model):
     assert torch.equal(a, ex.generate(model, ids, 10, temperature=1.0, top_p=0.9, seed=11))
     assert a.shape == (2, 15)
     first = ex.generate(model, ids[:1], 1)[0, -1]
-    assert ex.generate(model, ids[:1], 10, eos_id=int(first)).shape == (1, 6)
+    assert ex.generate(model, ids[:1], 10, eos_id=int(first)).shape == (1, 6), \
+        "a row whose first new token is eos_id: generation stops after it"
+    free = ex.generate(model, ids, 8)
+    eos = int(free[0, 6])                       # row 0's second new token
+    out = ex.generate(model, ids, 8, eos_id=eos)
+    assert (out[0, 6:] == eos).all(), f"row 0 emitted eos_id={eos} and went on with {out[0, 6:].tolist()}: a finished row keeps emitting eos_id"
+    assert ex.generate(model, ids, 43).shape == (2, 48), "5 + 43 = 48 tokens fit max_seq_len=48"
     with pytest.raises(ValueError):
         ex.generate(model, ids, 44)          # 5 + 44 > 48

@@ -14,11 +14,11 @@ PAD = 3
 def test_truncate_keeps_whole_images(ex):
     ids = [7, 8, PAD, PAD, PAD, 9, PAD, PAD, PAD, PAD, PAD, PAD, 10]    # images of 3: one, then two adjacent
     target = [False] * 12 + [True]
-    assert ex.truncate(ids, target, 100, PAD, 3) == (ids, target, 3)
-    assert ex.truncate(ids, target, 4, PAD, 3) == ([7, 8], [False] * 2, 0)
-    assert ex.truncate(ids, target, 5, PAD, 3) == (ids[:5], [False] * 5, 1)
-    assert ex.truncate(ids, target, 11, PAD, 3) == (ids[:9], [False] * 9, 2)
-    assert ex.truncate(ids, target, 12, PAD, 3) == (ids[:12], [False] * 12, 3)
+    for max_length, keep, images in ((100, 13, 3), (4, 2, 0), (5, 5, 1), (11, 9, 2), (12, 12, 3)):
+        got = ex.truncate(ids, target, max_length, PAD, 3)
+        assert got == (ids[:keep], target[:keep], images), (
+            f"max_length={max_length}: got {len(got[0])} ids and {got[2]} images, expected {keep} ids and {images} "
+            f"images ({ids}: images of 3 placeholders; a cut inside an image moves before that image)")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,7 @@ def test_collate(ex):
     assert b["image_paths"] == [["0-0"], ["1-0", "1-1"], []]
     assert torch.equal(b["input_ids"][0], torch.cat([items[0]["input_ids"], torch.zeros(4, dtype=torch.long)]))
     assert torch.equal(b["labels"][2], torch.cat([items[2]["labels"], torch.full((7,), -100)]))
-    assert b["attention_mask"].sum(1).tolist() == [5, 9, 2]
+    assert b["attention_mask"].dtype == torch.bool, f"attention_mask is {b['attention_mask'].dtype}, expected bool"
+    assert b["attention_mask"].sum(1).tolist() == [5, 9, 2], "attention_mask is True exactly on the real tokens"
     assert torch.equal(b["pixel_values"][1], items[1]["pixel_values"])
     assert torch.equal(b["pixel_values"][0, 0], items[0]["pixel_values"][0]) and (b["pixel_values"][0, 1] == 0).all()

@@ -30,7 +30,8 @@ def test_loss_counts_only_the_unmasked_next_tokens(ex):
     loss = ex.lm_loss(logits, labels)
     terms = [F.cross_entropy(logits[b, t], labels[b, t + 1]) for b in range(2) for t in range(6)
              if labels[b, t + 1] != -100]
-    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-6, atol=1e-6, msg=lambda m: (
+        f"not the mean cross-entropy of logits[t] against labels[t+1] over the pairs whose label is not -100\n{m}"))
     # logits whose next label is masked do not matter
     changed = logits.clone()
     changed[0, 1] += 100.0                               # predicts labels[0, 2] = -100
@@ -40,9 +41,10 @@ def test_loss_counts_only_the_unmasked_next_tokens(ex):
 def test_warmup_then_cosine_to_ten_percent(ex):
     peak, total, warm = 3e-3, 41, 5
     lrs = [ex.lr_at(s, total, peak, warm) for s in range(total)]
-    assert lrs[:warm] == pytest.approx([peak * (s + 1) / warm for s in range(warm)])
-    assert lrs[warm] == pytest.approx(peak)
-    assert lrs[-1] == pytest.approx(0.1 * peak)
+    assert lrs[:warm] == pytest.approx([peak * (s + 1) / warm for s in range(warm)]), \
+        f"warmup steps 0..4 give {lrs[:warm]}, expected peak * (step + 1) / warmup (the first step is not 0)"
+    assert lrs[warm] == pytest.approx(peak), f"step {warm} (the first after warmup) gives {lrs[warm]}, expected the peak"
+    assert lrs[-1] == pytest.approx(0.1 * peak), f"the last step gives {lrs[-1]}, expected min_ratio * peak"
     s = warm + 9
     assert lrs[s] == pytest.approx(0.1 * peak + 0.9 * peak * 0.5 * (1 + math.cos(math.pi * 9 / 35)))
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
@@ -56,8 +58,10 @@ def test_param_groups_decay_matrices_only(ex):
     decay, no_decay = ex.param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert {id(p) for p in decay["params"]} == {id(p) for p in trainable if p.dim() >= 2}
-    assert {id(p) for p in no_decay["params"]} == {id(p) for p in trainable if p.dim() < 2}
+    assert {id(p) for p in decay["params"]} == {id(p) for p in trainable if p.dim() >= 2}, \
+        "the decay group must hold exactly the trainable matrices (dim >= 2): no frozen ones, no norm gains"
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in trainable if p.dim() < 2}, \
+        "the no-decay group must hold exactly the trainable vectors (norm gains, biases)"
     assert len(decay["params"]) == len({id(p) for p in decay["params"]})     # tied matrix once
     assert not any(p is q for p in decay["params"] for q in model.layers[0].parameters())
 
@@ -67,7 +71,8 @@ def test_freeze_rules_of_the_two_stages(ex):
     names = ex.apply_freeze(model, ("projector", "last_block"))          # pretrain
     assert names == [n for n, _ in model.named_parameters()
                      if n.startswith(("vision_proj.", "lm.layers.2."))]
-    assert all(p.requires_grad == (n in names) for n, p in model.named_parameters())
+    assert all(p.requires_grad == (n in names) for n, p in model.named_parameters()), \
+        "parameters outside the groups must be frozen (requires_grad=False)"
     names = ex.apply_freeze(model, ("lm", "projector"))                  # sft
     assert names == [n for n, _ in model.named_parameters() if not n.startswith("vision_encoder.")]
     assert not any(p.requires_grad for p in model.vision_encoder.parameters())
@@ -89,5 +94,6 @@ def test_distributed_batches_cover_the_epoch_and_repeat_exactly(ex):
     order = [flat[k % world][k // world] for k in range(12)]
     assert sorted(order[:11]) == list(range(11)) and order[11] == order[0]
     assert per_rank[1] == ex.epoch_batches(n, bs, epoch=4, seed=7, rank=1, world=world)
-    assert ex.epoch_batches(n, bs, 5, 7, 0, 1) != ex.epoch_batches(n, bs, 4, 7, 0, 1)
+    assert ex.epoch_batches(n, bs, 5, 7, 0, 1) != ex.epoch_batches(n, bs, 4, 7, 0, 1), \
+        "epochs 4 and 5 got the same order: seed the shuffle with seed + epoch"
     assert ex.epoch_batches(20, 20, 0, 7, 0, 1)[0] != list(range(20))     # shuffled

@@ -45,8 +45,10 @@ def test_backward_matches_autograd_float64(ex, shape):
     rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-5)          # computed here, not by your forward
     dx, dw = ex.rms_norm_backward(gy, x, w, rstd)
     assert dx.shape == x.shape and dw.shape == w.shape
-    torch.testing.assert_close(dx, dx_ref, atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(dw, dw_ref, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-12, rtol=1e-10, msg=lambda m: (
+        f"dx differs from autograd's: dx = rstd * (g*w - x * rstd^2 * mean(g*w*x)), the mean term included\n{m}"))
+    torch.testing.assert_close(dw, dw_ref, atol=1e-12, rtol=1e-10, msg=lambda m: (
+        f"dw differs from autograd's: the sum over ALL rows of g * x * rstd\n{m}"))
 
 
 def test_backward_bf16_dtypes_and_values(ex):
@@ -54,7 +56,8 @@ def test_backward_bf16_dtypes_and_values(ex):
     _, dx_ref, dw_ref = _autograd_grads(x, w, gy, 1e-5)
     rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-5)
     dx, dw = ex.rms_norm_backward(gy, x, w, rstd)
-    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16
+    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16, \
+        f"bf16 in: dx is {dx.dtype}, dw {dw.dtype}; return dx in x's dtype and dw in weight's"
     torch.testing.assert_close(dx.float(), dx_ref.float(), atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(dw.float(), dw_ref.float(), atol=2e-1, rtol=2e-2)
 
@@ -73,7 +76,8 @@ def test_function_saves_only_x_weight_and_rstd(ex):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = ex.RMSNormFunction.apply(x, w, 1e-5)
-    assert sorted(t.numel() for t in saved) == [8, 32, 8 * 32]    # rstd, weight, x
+    assert sorted(t.numel() for t in saved) == [8, 32, 8 * 32], (
+        f"saved tensors of sizes {sorted(t.numel() for t in saved)}: save only x, weight and rstd (not y)")
     torch.testing.assert_close(y, rms_norm(x.detach(), w.detach(), 1e-5), atol=1e-6, rtol=1e-6)
 
 
