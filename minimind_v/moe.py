@@ -35,12 +35,12 @@ from .ffn import SwiGLU
 
 
 def route(logits: torch.Tensor, k: int, norm_topk_prob: bool = True):
-    """Router logits (N, E) -> (probs (N, E) float32, weights (N, k), experts (N, k) long).
+    """Router logits (N, E) -> (probs (N, E) in at least float32, weights (N, k), experts (N, k) long).
 
     softmax over all experts first, then top-k of the probabilities; with `norm_topk_prob` the k
     weights are divided by their sum (+1e-20, as upstream, so an all-zero row stays finite).
     """
-    probs = logits.float().softmax(dim=-1)                          # (N, E)
+    probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))   # (N, E)
     weights, experts = probs.topk(k, dim=-1)                        # (N, k), (N, k)
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
