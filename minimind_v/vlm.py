@@ -15,8 +15,9 @@ reads the images' keys and values from the KV cache like any other earlier posit
 
 minimind-3v swaps the parts, not the flow (`VLMConfig.vision_kind="siglip"`, `projector="mlp"`):
 a SigLIP2 encoder (siglip.py) whose 64 patch vectors are taken AFTER its final LayerNorm (it has
-no CLS to drop), and LayerNorm -> Linear -> GELU -> Linear as the projector. Each encoder says
-which vectors the projector gets (`patch_features`), so this module does not branch on the kind.
+no CLS to drop), and LayerNorm -> Linear -> GELU -> Linear as the projector. Each encoder's
+forward returns what its generation uses (CLIP: CLS + patches before ln_post; SigLIP: patches
+after it), and the VLM keeps the last `num_patches` vectors, so this module does not branch on the kind.
 
 Frozen means three things here: the encoder's parameters have requires_grad=False, it stays in
 eval mode when the model is put in training mode, and `trainable_state_dict()` (what upstream
@@ -99,7 +100,7 @@ class MiniMindVLM(nn.Module):
     # -- images -> vectors ------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The encoder's patch vectors: CLIP's without CLS, before its final LayerNorm (MiniMind2-V);
-        SigLIP's after it (minimind-3v). See each encoder's `patch_features`.
+        SigLIP's after it (minimind-3v), the same as each encoder's `patch_features`.
 
         pixel_values (B, N, 3, S, S) -> (B, N, P, Dv); also (n, 3, S, S) -> (n, P, Dv).
         No gradient flows into a frozen encoder (it runs under no_grad unless some of its
@@ -112,7 +113,8 @@ class MiniMindVLM(nn.Module):
         pixels = pixel_values.reshape(-1, *pixel_values.shape[-3:])     # (B*N, 3, S, S)
         needs_grad = any(p.requires_grad for p in self.vision_encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
-            features = self.vision_encoder.patch_features(pixels)       # (B*N, P, Dv)
+            hidden = self.vision_encoder(pixels)                        # (B*N, 1+P, Dv) CLIP, (B*N, P, Dv) SigLIP
+        features = hidden[:, hidden.shape[1] - self.cfg.num_patches:, :]   # (B*N, P, Dv): CLIP's CLS dropped
         return features.reshape(*lead, *features.shape[1:])
 
     def image_embeds(self, pixel_values: torch.Tensor | None = None,
