@@ -13,6 +13,12 @@ accordingly); `repeat_kv` copies each K/V head to the queries of its group befor
 without the copy by folding the query heads of a group into the rows of one matmul
 (`attend_grouped` for padding and cached decoding, `causal_attend_blocked` for plain causal).
 
+q/k-norm (minimind-3v, Qwen3; `LMConfig.qk_norm`): every head vector of q and of k (hd numbers) is
+RMS-normalised before RoPE, with one learned weight (hd,) for all query heads (`q_norm`) and one for
+all key heads (`k_norm`). The scores q.k / sqrt(hd) then stay bounded whatever the size of x Wq,
+which keeps the softmax away from one-hot saturation in deep or long training. With qk_norm off
+nothing is computed for it.
+
 Masks: the causal mask lets the query at absolute position p see keys 0..p. With a cache
 holding `past` earlier tokens, the T new queries sit at positions past..past+T-1, so the
 mask is `tril(ones(T, past+T), diagonal=past)`. An optional padding mask (B, S) hides pad keys.
@@ -38,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
+from .norm import RMSNorm
 from .rope import apply_rope
 
 
@@ -260,6 +267,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:                                          # one RMSNorm over hd, shared by all heads
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, cfg.norm_impl)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, cfg.norm_impl)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.record: list | None = None     # set by `capture_attention` only
 
@@ -272,6 +283,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd)    # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd)       # (B, T, H_kv, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)                # per head, over hd
         q, k = apply_rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)        # (B, S, H_kv, hd), S = past + T

@@ -37,13 +37,25 @@ def num_patches(model) -> int:
     return getattr(model.cfg, "num_patches", 0)
 
 
-def load_pixels(paths, size: int, alpha: str = "white") -> torch.Tensor:
+def load_pixels(paths, size: int, alpha: str = "white", transform=None) -> torch.Tensor:
     """Image files -> (N, 3, size, size), decoded and preprocessed as in training (errors name the file).
 
     alpha: "white" composites a transparent picture on white (ours); "drop" ignores the alpha band,
     as upstream's `convert('RGB')` does (config.json's `image_alpha` of an imported checkpoint).
+    transform: the encoder's own preprocessing when it is not CLIP's (`image_settings`).
     """
-    return torch.stack([read_pixels(p, size, alpha=alpha) for p in paths])
+    return torch.stack([read_pixels(p, size, alpha=alpha, transform=transform) for p in paths])
+
+
+def image_settings(model) -> dict:
+    """How `model` wants its pictures: load_pixels' alpha and transform, from the run directory's
+    config.json (kept by `rundir.load_chat_model` as `model.run_info`) and the encoder kind."""
+    from .vlm import pixel_transform
+
+    info = getattr(model, "run_info", None) or {}
+    cfg = getattr(model, "cfg", None)
+    transform = pixel_transform(cfg, info.get("image_preprocess")) if hasattr(cfg, "vision_kind") else None
+    return {"alpha": info.get("image_alpha", "white"), "transform": transform}
 
 
 def prompt_ids(tok: Tokenizer, messages: list[dict], n_patches: int) -> list[int]:
@@ -174,7 +186,8 @@ def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None,
             if n_img and grey is not None:
                 pixels = grey.expand(len(chunk), n_img, *grey.shape).to(device)           # (B, N, 3, S, S)
             elif n_img:
-                pixels = torch.stack([load_pixels(shown[k], image_size(model)) for k, _ in chunk]).to(device)
+                pixels = torch.stack([load_pixels(shown[k], image_size(model), **image_settings(model))
+                                      for k, _ in chunk]).to(device)
             out = generate(model, ids, max_new_tokens, eos_id=tok.eos_id, images=pixels)  # (B, T + n)
             for (k, _), row in zip(chunk, out[:, ids.shape[1]:].tolist()):
                 row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
@@ -220,7 +233,7 @@ def cli_chat(argv: list[str]) -> int:
     model, tok, info = load_chat_model(a.checkpoint)
     if a.image and not hasattr(model, "vision_encoder"):
         raise ValueError(f"{a.checkpoint}: a text-only language model cannot take --image")
-    pixels = load_pixels(a.image, image_size(model), info.get("image_alpha", "white")) if a.image else None
+    pixels = load_pixels(a.image, image_size(model), **image_settings(model)) if a.image else None
     n_images, position = len(a.image), info.get("image_position", "after")
 
     def answer(messages):

@@ -12,6 +12,9 @@ Where it sits: before anything runs, the frozen image encoder needs OpenAI's tra
      `pytorch_model.bin`, of a CLIPModel / CLIPVisionModel(WithProjection), keys with or without
      the `vision_model.` prefix (text-tower keys are ignored);
   4. our own converted file (`minimind-v convert-clip SRC DST`), the fastest to load.
+A Hugging Face SigLIP / SigLIP2 tower (minimind-3v's encoder; a biased patch conv and no CLS) in
+any of the Hugging Face forms goes to `siglip.py` instead and comes back as a
+`SiglipVisionTransformer`; `load_vision` is the same function under the kind-neutral name.
 The configuration comes from the tensor shapes (width, patch size, positions, layers, MLP width,
 projection); the head count, which shapes cannot tell, comes from a Hugging Face `config.json`
 when there is one, otherwise CLIP's rule: heads of width 64.
@@ -46,6 +49,7 @@ import torch
 from . import safetensors_io
 from .torchscript_archive import ArchiveError, read_torchscript_archive
 from .config import VisionConfig
+from .siglip import SiglipWeightsError, build_siglip, infer_siglip_config, siglip_prefix, siglip_to_our_names
 from .vision import CLIPVisionTransformer
 
 FORMAT_TAG = "minimind_v.clip_vision/1"     # marks a file written by `convert-clip`
@@ -304,9 +308,18 @@ def build_model(sd: dict, cfg: VisionConfig, path, dtype=torch.float32,
 
 def load_clip_vision(path, dtype=torch.float32, num_heads: int | None = None,
                      attn_impl: str = "manual") -> tuple[CLIPVisionTransformer, VisionConfig]:
-    """Any supported CLIP file or folder -> (our encoder in eval mode, its VisionConfig)."""
+    """Any supported CLIP (or SigLIP) file or folder -> (our encoder in eval mode, its VisionConfig).
+
+    A SigLIP tower gives a `siglip.SiglipVisionTransformer` (its `kind` attribute says "siglip")."""
     tensors, extra = read_tensors(path)
     safetensors_io.check_finite(tensors, path)         # every weight finite, or the first bad key named
+    if "ours" not in extra and siglip_prefix(tensors) is not None:
+        try:
+            sd = siglip_to_our_names(tensors, path)
+            cfg = infer_siglip_config(sd, path, num_heads, extra.get("hf_config"))
+            return build_siglip(sd, cfg, path, dtype, attn_impl), cfg
+        except SiglipWeightsError as e:
+            raise CLIPWeightsError(str(e)) from None
     if "ours" in extra:
         ours = extra["ours"]
         cfg = VisionConfig(**ours["config"])
@@ -316,6 +329,9 @@ def load_clip_vision(path, dtype=torch.float32, num_heads: int | None = None,
     sd, _ = to_our_names(tensors, path)
     cfg = infer_config(sd, path, num_heads, extra.get("hf_config"))
     return build_model(sd, cfg, path, dtype, attn_impl), cfg
+
+
+load_vision = load_clip_vision       # the dispatcher under a name that does not say CLIP
 
 
 def save_converted(model: CLIPVisionTransformer, cfg: VisionConfig, dst) -> None:

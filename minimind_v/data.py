@@ -189,8 +189,10 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __init__(self, jsonl_path, image_root, tokenizer, max_length: int, num_patches: int = 196,
                  image_size: int = 224, skip_bad: bool = False, check_images: bool = True,
-                 load_pixels: bool = True, keep_encoded: bool = False):
+                 load_pixels: bool = True, keep_encoded: bool = False, transform=None, alpha: str = "white"):
         self.path = Path(jsonl_path)
+        self.transform = transform        # another encoder's preprocessing (SigLIP's), else CLIP's
+        self.alpha = alpha                # "white" (ours) or "drop" (upstream's convert('RGB'))
         self.is_parquet = self.path.suffix.lower() == ".parquet"
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.tokenizer = tokenizer
@@ -366,7 +368,8 @@ class VLMDataset(torch.utils.data.Dataset):
             S = self.image_size
             blobs = self._image_bytes(i)[:n_images] if self.is_parquet and images else [None] * len(images)
             try:
-                pixels = [read_pixels(p, S, data=data) for p, data in zip(images, blobs)]
+                pixels = [read_pixels(p, S, data=data, alpha=self.alpha, transform=self.transform)
+                          for p, data in zip(images, blobs)]
             except BadImage as e:
                 reason = "image missing" if e.problem == "not found" else "image unreadable"
                 raise BadRecord(self.path, lineno, reason, str(e), self.is_parquet) from None

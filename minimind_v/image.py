@@ -145,10 +145,16 @@ def open_image(path, data: bytes | None = None, *, max_pixels: int = MAX_PIXELS,
 
 
 def read_pixels(path, size: int = 224, data: bytes | None = None, alpha: str = "white",
-                reducing_gap: float | None = None) -> torch.Tensor:
-    """A picture file (or its bytes) -> CLIP pixel values (3, size, size); any failure names the file."""
-    im = open_image(path, data, draft_size=size, reducing_gap=reducing_gap)
+                reducing_gap: float | None = None, transform=None) -> torch.Tensor:
+    """A picture file (or its bytes) -> CLIP pixel values (3, size, size); any failure names the file.
+
+    transform: another encoder's preprocessing, `transform(pil_image) -> (3, S, S)` (SigLIP's, see
+    `vlm.pixel_transform`), used instead of CLIP's after the same decoding checks.
+    """
+    im = open_image(path, data, draft_size=size if transform is None else None, reducing_gap=reducing_gap)
     try:
+        if transform is not None:
+            return transform(im)
         return preprocess(im, size, alpha=alpha, reducing_gap=reducing_gap)
     except BadImage as e:
         raise BadImage(path, e.problem, str(e).split("; expected ", 1)[1]) from None

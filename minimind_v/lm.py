@@ -10,8 +10,15 @@ table serves both), which is 3.3M of the 25.8M parameters.
 
 The VLM reuses this class: it calls `embed` to get token vectors, overwrites the image
 placeholder positions with projected patch vectors, then `forward_embeds` for the rest.
+
+minimind-3v's options change the parts, not the flow: `qk_norm` (attention.py), an explicit
+`head_dim`, `use_moe` (every FFN a `moe.MoEFeedForward`; a forward then leaves the layers'
+load-balancing loss in `model.aux_loss`, which training adds to the cross-entropy), and
+`rope_scaling` (YaRN, `rope_tables_for`).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +27,38 @@ from torch import nn
 from .attention import Attention, KVCache, build_mask
 from .config import LMConfig
 from .ffn import SwiGLU
+from .moe import MoEFeedForward
 from .norm import RMSNorm
 from .rope import rope_tables
+
+
+def rope_tables_for(cfg: LMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (max_seq_len, head_dim) for this config: plain RoPE, or YaRN when `rope_scaling`.
+
+    YaRN as upstream MiniMind applies it (keys and defaults: original_max_position_embeddings 2048,
+    factor 16, beta_fast 32, beta_slow 1, attention_factor 1), only when max_seq_len exceeds the
+    original context. Frequency pair i keeps its speed where it turns many times within the original
+    context (i < low) and is slowed by `factor` where it turns less than once (i > high), with a linear
+    ramp between:  f'_i = f_i * ((1 - r_i) + r_i / factor),  r_i = clamp((i - low) / (high - low), 0, 1),
+    where dim(b) = hd * ln(orig / (2 pi b)) / (2 ln theta) is the pair that turns b times in the original
+    context, low = floor(dim(beta_fast)), high = ceil(dim(beta_slow)). cos and sin are scaled by
+    attention_factor.
+    """
+    hd, theta, sc = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
+    if not sc:
+        return rope_tables(hd, cfg.max_seq_len, theta)
+    orig, factor = sc.get("original_max_position_embeddings", 2048), sc.get("factor", 16)
+    beta_fast, beta_slow = sc.get("beta_fast", 32.0), sc.get("beta_slow", 1.0)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))      # (hd/2,)
+    if cfg.max_seq_len / orig > 1.0:
+        pair = lambda b: hd * math.log(orig / (b * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
+        low, high = max(math.floor(pair(beta_fast)), 0), min(math.ceil(pair(beta_slow)), hd // 2 - 1)
+        ramp = ((torch.arange(hd // 2, dtype=torch.float64) - low) / max(high - low, 0.001)).clamp(0, 1)
+        inv_freq = inv_freq * (1 - ramp + ramp / factor)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)   # (L, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)                                          # (L, hd)
+    a = sc.get("attention_factor", 1.0)
+    return (angles.cos() * a).float(), (angles.sin() * a).float()
 
 
 class Block(nn.Module):
@@ -30,7 +67,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_impl)
         self.attn = Attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_impl)
-        self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.dropout)
+        self.ffn = MoEFeedForward(cfg) if cfg.use_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size,
+                                                                  cfg.dropout)
 
     def forward(self, h, cos, sin, mask, kv_cache=None):
         h = h + self.attn(self.attn_norm(h), cos, sin, mask, kv_cache)   # (B, T, D)
@@ -48,10 +86,11 @@ class MiniMindLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables_for(cfg)
         # not in the state dict: they are a function of the config
         self.register_buffer("rope_cos", cos, persistent=False)   # (max_seq_len, hd)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.aux_loss = torch.zeros(())      # the MoE layers' load-balancing loss of the last forward
         self.apply(self._init_weights)
 
     @staticmethod
@@ -91,6 +130,8 @@ class MiniMindLM(nn.Module):
         h = self.dropout(h)
         for block in self.layers:
             h = block(h, cos, sin, mask, kv_cache)
+        if self.cfg.use_moe:                                            # 0 in eval mode, as upstream
+            self.aux_loss = sum(block.ffn.aux_loss for block in self.layers)
         if logits_at is not None:
             h = h[logits_at]                                            # (K, D)
         return self.lm_head(self.norm(h))                               # (B, T, V) or (K, V)

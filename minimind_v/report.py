@@ -138,10 +138,10 @@ def image_attention(model, tok, question: str, image_paths: list) -> tuple[torch
     """(heat (g, g) over the first picture's patches, share of all attention on its positions) of
     the position that produces the first answer token, averaged over heads and layers."""
     from .attention import capture_attention
-    from .chat import load_pixels, prompt_ids, user_message
+    from .chat import image_settings, load_pixels, prompt_ids, user_message
 
     ids = prompt_ids(tok, [user_message(question, len(image_paths))], model.cfg.num_patches)
-    pixels = load_pixels(image_paths, model.cfg.vision.image_size)[None]          # (1, N, 3, S, S)
+    pixels = load_pixels(image_paths, model.cfg.vision.image_size, **image_settings(model))[None]   # (1, N, 3, S, S)
     with capture_attention(model) as maps:
         model(torch.tensor([ids]), pixel_values=pixels)
     probs = torch.stack([maps[i][0][0, :, -1, :] for i in sorted(maps)])          # (L, H, T)

@@ -139,6 +139,7 @@ def load_chat_model(ckpt_dir, device="cpu"):
     tok = load_tokenizer(tok_path, label_newline=info.get("label_newline"))
     check_tokenizer_fits(tok, info["model_config"], tok_path)     # before the weights are read
     model, info = load_model(ckpt_dir, device)
+    model.run_info = info                   # how it wants its pictures and prompts (chat.image_settings)
     return model, tok, info
 
 

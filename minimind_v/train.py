@@ -150,7 +150,11 @@ def forward_loss(model, batch: dict, device: torch.device):
     # logits only where a label is taken (the same loss as lm_loss on all logits, less work)
     logits_at, targets = loss_positions(labels)        # (B, T) bool, (K,)
     logits = model(input_ids, logits_at=logits_at, **kwargs)    # (K, V)
-    return F.cross_entropy(logits.float(), targets), input_ids.numel()
+    loss = F.cross_entropy(logits.float(), targets)
+    aux = getattr(getattr(model, "module", model), "aux_loss", None)     # MoE load balancing (DDP: .module)
+    if aux is not None:
+        loss = loss + aux
+    return loss, input_ids.numel()
 
 
 def step_work(batch: dict, work: dict | None) -> dict:

@@ -30,7 +30,7 @@ def cli(argv: list[str]) -> int:
     from .recipes import RECIPES, ModelInit, apply_init, describe, get, model_config, resolve
     from .rundir import initialise, read_config, tokenizer_file, write_config
     from .tokenizer import load_tokenizer
-    from .vlm import MiniMindVLM
+    from .vlm import MiniMindVLM, pixel_transform
 
     p = argparse.ArgumentParser(prog="minimind-v train", description="Pretrain or SFT a MiniMind-V model.")
     p.add_argument("--data", required=True, help="JSONL conversations in upstream MiniMind-V's format")
@@ -108,9 +108,12 @@ def cli(argv: list[str]) -> int:
             initialise(model, a.init, a.clip, log=log)
             apply_init(model, init, fresh_lm=not a.init, fresh_vision=not (a.init or a.clip), log=log)
         dataset = VLMDataset(a.data, a.images, tok, max_length=tcfg.max_length, num_patches=cfg.num_patches,
-                             image_size=cfg.vision.image_size, skip_bad=a.skip_bad, keep_encoded=recipe is not None)
+                             image_size=cfg.vision.image_size, skip_bad=a.skip_bad, keep_encoded=recipe is not None,
+                             transform=pixel_transform(cfg, init_info.get("image_preprocess")),
+                             alpha=init_info.get("image_alpha", "white"))
         if rank == 0 and not tcfg.resume:
-            keep = {k: init_info[k] for k in ("label_newline", "image_alpha", "image_position") if k in init_info}
+            keep = {k: init_info[k] for k in ("label_newline", "image_alpha", "image_position", "image_preprocess")
+                    if k in init_info}
             write_config(a.out, cfg, tcfg.stage, tok_file, init=a.init, clip=a.clip, recipe=a.recipe,
                          model_init=dataclasses.asdict(init), **keep)
         try:

@@ -1,5 +1,10 @@
 """`minimind-v import-upstream`: upstream MiniMind / MiniMind-V release files -> a run directory of ours.
 
+Both generations: MiniMind2-V (CLIP ViT-B/16, a linear projector, '@' x 196) and minimind-3v /
+minimind-3v-moe (SigLIP2 B/32 at 256 px, the MLP projector, 64 x <|image_pad|>, q/k-norm, MoE),
+told apart by their keys (`checkpoint.upstream_generation`); the first MiniMind2-V release's old
+key names are renamed first (`first_release.py`).
+
 Where it sits: before chat, eval and fine-tuning, for users who hold upstream's released files:
 
     WEIGHTS.pth     the language model (and for MiniMind-V the projector), upstream's key names
@@ -26,12 +31,13 @@ the default here (`--max-seq-len`), as MiniMind's own config has it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_save, load_state_dict, load_upstream, translate_upstream
-from .config import LMConfig, VLMConfig
+from .checkpoint import atomic_save, load_state_dict, load_upstream, translate_upstream, upstream_generation
+from .config import PRESETS, LMConfig, VLMConfig
 from .first_release import is_first_release, to_current
 from .rundir import WEIGHTS, RunLock, prepare, write_config
 
@@ -40,9 +46,11 @@ UPSTREAM_HEADS = 8                  # MiniMind's num_attention_heads at every re
 
 
 def detect(state: dict, source, num_heads: int = UPSTREAM_HEADS) -> dict:
-    """What an upstream state dict is: kind ("lm" | "vlm") and the LM's sizes, from the shapes alone."""
+    """What an upstream state dict is: its generation, kind ("lm" | "vlm") and the LM's sizes, from
+    the shapes alone (minimind-3v's head size comes from its q_norm weight)."""
     if is_first_release(state):
         state = to_current(state, num_heads, source)
+    generation = upstream_generation(state)
     ours, unknown = translate_upstream({k: v for k, v in state.items() if not k.startswith("vision_proj.")})
     if unknown:
         raise ValueError(f"{source}: keys that are not upstream MiniMind's ({len(unknown)}): "
@@ -53,19 +61,22 @@ def detect(state: dict, source, num_heads: int = UPSTREAM_HEADS) -> dict:
     layers = sorted({int(k.split(".")[1]) for k in ours if k.startswith("layers.")})
     if layers != list(range(len(layers))) or not layers:
         raise ValueError(f"{source}: layer indices {layers[:5]}... are not 0..N-1")
-    head_dim = hidden // num_heads
-    kv_rows = ours["layers.0.attn.k_proj.weight"].shape[0]
-    found = {"kind": "vlm" if any(k.startswith("vision_proj.") for k in state) else "lm",
-             "vocab_size": vocab, "hidden_size": hidden, "num_layers": len(layers), "num_heads": num_heads,
-             "num_kv_heads": kv_rows // head_dim,
-             "intermediate_size": ours["layers.0.ffn.gate_proj.weight"].shape[0],
+    q_norm = ours.get("layers.0.attn.q_norm.weight")
+    head_dim = q_norm.shape[0] if q_norm is not None else hidden // num_heads
+    experts = sorted({int(k.split(".")[4]) for k in ours if k.startswith("layers.0.ffn.experts.")})
+    gate = ours["layers.0.ffn.experts.0.gate_proj.weight" if experts else "layers.0.ffn.gate_proj.weight"]
+    found = {"generation": generation, "kind": "vlm" if any(k.startswith("vision_proj.") for k in state) else "lm",
+             "vocab_size": vocab, "hidden_size": hidden, "num_layers": len(layers),
+             "num_heads": ours["layers.0.attn.q_proj.weight"].shape[0] // head_dim, "head_dim": head_dim,
+             "num_kv_heads": ours["layers.0.attn.k_proj.weight"].shape[0] // head_dim,
+             "intermediate_size": gate.shape[0], "num_experts": len(experts),
              "tie_word_embeddings": "lm_head.weight" not in ours or bool(
                  (ours["lm_head.weight"] == ours["embed_tokens.weight"]).all())}
     if found["kind"] == "vlm":
-        w = state.get("vision_proj.vision_proj.0.weight")
+        first = "vision_proj.mlp.1.weight" if generation != "minimind2-v" else "vision_proj.vision_proj.0.weight"
+        w = state.get(first)
         if w is None or w.dim() != 2:
-            raise ValueError(f"{source}: vision_proj.* keys without vision_proj.vision_proj.0.weight: "
-                             f"not a MiniMind2-V projector")
+            raise ValueError(f"{source}: vision_proj.* keys without {first}: not a {generation} projector")
         found["projector_in"], found["projector_out"] = int(w.shape[1]), int(w.shape[0])
         if found["projector_out"] != hidden:
             raise ValueError(f"{source}: the projector writes {w.shape[0]}-wide vectors, the LM is {hidden} wide")
@@ -92,19 +103,27 @@ def import_upstream(weights, out, clip=None, tokenizer=None, max_seq_len: int = 
     found = detect(state, weights, num_heads)
     if is_first_release(state):
         log(f"{weights}: the first MiniMind2-V release's key names (interleaved RoPE): renamed, q/k rows reordered")
-    log(f"{weights}: upstream {'MiniMind-V' if found['kind'] == 'vlm' else 'MiniMind LLM'}, vocab "
+    log(f"{weights}: upstream {found['generation'] if found['kind'] == 'vlm' else 'MiniMind LLM'}, vocab "
         f"{found['vocab_size']}, hidden {found['hidden_size']}, {found['num_layers']} layers, "
-        f"{found['num_heads']} query / {found['num_kv_heads']} key-value heads, FFN {found['intermediate_size']}")
+        f"{found['num_heads']} query / {found['num_kv_heads']} key-value heads of {found['head_dim']}, FFN "
+        f"{found['intermediate_size']}" + (f", {found['num_experts']} experts" if found["num_experts"] else ""))
     if tokenizer is None:
         raise ValueError("--tokenizer is required: upstream's tokenizer.json + tokenizer_config.json folder")
     tok = load_tokenizer(tokenizer)
     if len(tok) != found["vocab_size"]:
         raise ValueError(f"{tokenizer}: the tokenizer has {len(tok)} pieces but {weights} has "
                          f"{found['vocab_size']} embedding rows; expected the tokenizer released with these weights")
-    lm = LMConfig(vocab_size=found["vocab_size"], hidden_size=found["hidden_size"], num_layers=found["num_layers"],
-                  num_heads=found["num_heads"], num_kv_heads=found["num_kv_heads"],
-                  intermediate_size=found["intermediate_size"], max_seq_len=max_seq_len,
-                  tie_word_embeddings=found["tie_word_embeddings"])
+    sizes = dict(vocab_size=found["vocab_size"], hidden_size=found["hidden_size"], num_layers=found["num_layers"],
+                 num_heads=found["num_heads"], num_kv_heads=found["num_kv_heads"],
+                 intermediate_size=found["intermediate_size"], max_seq_len=max_seq_len,
+                 tie_word_embeddings=found["tie_word_embeddings"])
+    preset = PRESETS[found["generation"]]()                       # the generation's other settings
+    if found["generation"] == "minimind2-v":
+        lm = LMConfig(**sizes)
+    else:
+        lm = dataclasses.replace(preset.lm, head_dim=found["head_dim"], **sizes,
+                                 **({"num_experts": found["num_experts"], "moe_intermediate_size": found["intermediate_size"]}
+                                    if found["num_experts"] else {}))
     if found["kind"] == "lm":
         cfg, model = lm, load_upstream(state, lm)
     else:
@@ -115,7 +134,12 @@ def import_upstream(weights, out, clip=None, tokenizer=None, max_seq_len: int = 
         if vision.hidden_size != found["projector_in"]:
             raise ValueError(f"{clip}: the vision encoder is {vision.hidden_size} wide, but the projector of "
                              f"{weights} takes {found['projector_in']}-wide patch vectors")
-        cfg = VLMConfig(lm=lm, vision=vision, image_pad_id=tok.image_pad_id, num_patches=vision.num_patches)
+        kind = getattr(encoder, "kind", "clip")
+        if kind != preset.vision_kind:
+            raise ValueError(f"{clip}: a {kind} vision encoder, but {weights} is {found['generation']}, "
+                             f"which takes {preset.vision_kind}'s patch vectors")
+        cfg = VLMConfig(lm=lm, vision=vision, image_pad_id=tok.image_pad_id, num_patches=vision.num_patches,
+                        projector=preset.projector, vision_kind=preset.vision_kind)
         if tok.num_patches != cfg.num_patches:
             raise ValueError(f"{tokenizer}: upstream writes an image as {tok.num_patches} placeholders, but "
                              f"{clip} gives {cfg.num_patches} patch vectors")
@@ -123,8 +147,12 @@ def import_upstream(weights, out, clip=None, tokenizer=None, max_seq_len: int = 
     check_tokenizer_fits(tok, cfg.to_dict(), tokenizer)
     with RunLock(out, log):
         prepare(out, resume=False, overwrite=overwrite, log=log)
+        extra = {}
+        if found["kind"] == "vlm" and cfg.vision_kind == "siglip":
+            from .siglip import preprocessor_settings
+            extra["image_preprocess"] = preprocessor_settings(clip) if Path(clip).is_dir() else {}
         write_config(out, cfg, "imported", tokenizer, label_newline=True, image_alpha="drop",
-                     image_position="before", imported_from=str(weights))
+                     image_position="before", imported_from=str(weights), **extra)
         atomic_save(model.state_dict(), out / WEIGHTS)
         record = {"weights": {"path": str(weights), "bytes": weights.stat().st_size, "sha256": sha256(weights)},
                   "clip": str(clip) if clip else None, "tokenizer": str(tokenizer), "detected": found}

@@ -13,6 +13,12 @@ The image enters the language model only as input vectors: the LM never knows wh
 came from pixels. That happens once, at prefill. A decode step feeds one new text token and
 reads the images' keys and values from the KV cache like any other earlier position.
 
+minimind-3v swaps the parts, not the flow (`VLMConfig.vision_kind="siglip"`, `projector="mlp"`):
+a SigLIP2 encoder (siglip.py) whose 64 patch vectors are taken AFTER its final LayerNorm (it has
+no CLS to drop), and LayerNorm -> Linear -> GELU -> Linear as the projector. Each encoder's
+forward returns what its generation uses (CLIP: CLS + patches before ln_post; SigLIP: patches
+after it), and the VLM keeps the last `num_patches` vectors, so this module does not branch on the kind.
+
 Frozen means three things here: the encoder's parameters have requires_grad=False, it stays in
 eval mode when the model is put in training mode, and `trainable_state_dict()` (what upstream
 MiniMind-V files hold) leaves it out. `state_dict()` stays the full nn.Module one (every weight,
@@ -25,8 +31,11 @@ from torch import nn
 
 from .config import VLMConfig
 from .lm import MiniMindLM
+from .siglip import SiglipVisionTransformer
 from .splice import splice
 from .vision import CLIPVisionTransformer
+
+ENCODERS = {"clip": CLIPVisionTransformer, "siglip": SiglipVisionTransformer}   # VLMConfig.vision_kind -> class
 
 
 class VisionProjector(nn.Module):
@@ -34,8 +43,9 @@ class VisionProjector(nn.Module):
 
     kind="linear": MiniMind2-V's single Linear(Dv, D) with bias, kept inside an nn.Sequential so
     the weight names match upstream (`vision_proj.vision_proj.0.weight` / `.bias`).
-    kind="mlp": LayerNorm -> Linear(Dv, D) -> GELU -> Linear(D, D), the LLaVA-1.5-style
-    projector of newer MiniMind-V versions (names `vision_proj.vision_proj.{0,1,3}.*`).
+    kind="mlp": LayerNorm(Dv) -> Linear(Dv, D) -> GELU (exact, erf) -> Linear(D, D), the
+    LLaVA-1.5-style projector of minimind-3v (ours `vision_proj.vision_proj.{0,1,3}.*`; upstream's
+    file names them `vision_proj.mlp.{0,1,3}.*`, which `checkpoint.load_upstream` translates).
     """
 
     def __init__(self, in_dim: int = 768, out_dim: int = 512, kind: str = "linear"):
@@ -56,7 +66,7 @@ class MiniMindVLM(nn.Module):
     def __init__(self, cfg: VLMConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or VLMConfig()
-        self.vision_encoder = CLIPVisionTransformer(cfg.vision)
+        self.vision_encoder = ENCODERS[cfg.vision_kind](cfg.vision)
         self.vision_proj = VisionProjector(cfg.vision.hidden_size, cfg.lm.hidden_size, cfg.projector)
         self.lm = MiniMindLM(cfg.lm)
         self.image_ids = cfg.image_ids                      # the placeholder run of one image
@@ -82,9 +92,15 @@ class MiniMindVLM(nn.Module):
     def max_seq_len(self) -> int:
         return self.lm.max_seq_len
 
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """The LM's MoE load-balancing loss of the last forward (0 without MoE or in eval mode)."""
+        return self.lm.aux_loss
+
     # -- images -> vectors ------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encoder patch vectors, CLS dropped, before the final LayerNorm.
+        """The encoder's patch vectors: CLIP's without CLS, before its final LayerNorm (MiniMind2-V);
+        SigLIP's after it (minimind-3v), the same as each encoder's `patch_features`.
 
         pixel_values (B, N, 3, S, S) -> (B, N, P, Dv); also (n, 3, S, S) -> (n, P, Dv).
         No gradient flows into a frozen encoder (it runs under no_grad unless some of its
@@ -97,8 +113,8 @@ class MiniMindVLM(nn.Module):
         pixels = pixel_values.reshape(-1, *pixel_values.shape[-3:])     # (B*N, 3, S, S)
         needs_grad = any(p.requires_grad for p in self.vision_encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
-            hidden = self.vision_encoder(pixels)                        # (B*N, 1+P, Dv)
-        features = hidden[:, 1:, :]                                     # (B*N, P, Dv)
+            hidden = self.vision_encoder(pixels)                        # (B*N, 1+P, Dv) CLIP, (B*N, P, Dv) SigLIP
+        features = hidden[:, hidden.shape[1] - self.cfg.num_patches:, :]   # (B*N, P, Dv): CLIP's CLS dropped
         return features.reshape(*lead, *features.shape[1:])
 
     def image_embeds(self, pixel_values: torch.Tensor | None = None,
@@ -148,3 +164,16 @@ class MiniMindVLM(nn.Module):
             else:
                 h = splice(input_ids, h, vectors, self.image_ids)       # (B, T, D)
         return self.lm.forward_embeds(h, kv_cache, attention_mask, logits_at)   # (B, T, V) or (K, V)
+
+
+def pixel_transform(cfg: VLMConfig, settings: dict | None = None):
+    """The encoder's own preprocessing as `transform(pil_image) -> (3, S, S)`, or None for CLIP's.
+
+    SigLIP resizes the whole picture to S x S (no crop) and scales to -1..1 (`siglip.preprocess_siglip`);
+    `settings` are the vision folder's preprocessor_config.json values (size, resample, mean, std).
+    """
+    if cfg.vision_kind != "siglip":
+        return None
+    from .siglip import preprocess_siglip
+    kwargs = {"size": cfg.vision.image_size, **(settings or {})}
+    return lambda image: preprocess_siglip(image, **kwargs)

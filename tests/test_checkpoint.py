@@ -40,7 +40,7 @@ def test_key_names_are_upstreams(model):
     assert "model.layers.0.input_layernorm.weight" in up and "model.norm.weight" in up
     ours, unknown = translate_upstream(up)
     assert unknown == [] and set(ours) == set(model.state_dict())
-    assert len(KEY_TABLE) == 7
+    assert len(KEY_TABLE) == 10          # 7 MiniMind2-V rows + q/k-norm, MoE router, MoE experts
     assert {upstream_name(k) for k in model.state_dict()} == set(up)      # the table read backwards
 
 

@@ -62,7 +62,7 @@ def release(tmp_path_factory):
 
 def test_import_detects_the_file_and_writes_a_run_directory(release):
     root, out, stdout = release
-    assert "upstream MiniMind-V, vocab 6400, hidden 64, 2 layers, 8 query / 2 key-value heads, FFN 128" in stdout
+    assert "upstream minimind2-v, vocab 6400, hidden 64, 2 layers, 8 query / 2 key-value heads of 8, FFN 128" in stdout
     info = json.loads((out / "config.json").read_text())
     assert info["label_newline"] is True and info["image_alpha"] == "drop" and info["image_position"] == "before"
     assert info["model_config"]["image_pad_id"] == 34 and info["model_config"]["num_patches"] == 196
