@@ -47,7 +47,8 @@ RENAMES = [   # (first release, current upstream); {i} a layer index
 
 def is_first_release(state: dict) -> bool:
     """A state dict with the first release's names (`tok_embeddings`, `layers.N.attention.wq`)."""
-    return "tok_embeddings.weight" in state or any(k.endswith(".attention.wq.weight") for k in state)
+    return "tok_embeddings.weight" in state or any(
+        k.startswith("layers.") and k.endswith(".attention.wq.weight") for k in state)
 
 
 def interleaved_to_half(w: torch.Tensor, head_dim: int) -> torch.Tensor:
