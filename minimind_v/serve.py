@@ -127,8 +127,7 @@ class Engine:
         self._cond = threading.Condition()
 
     def queue_length(self) -> int:                        # requests generating or waiting
-        with self._cond:
-            return len(self._line)
+        return len(self._line)
 
     def info(self) -> dict:
         return {"name": self.name, "stage": self.stage, "parameters": self.params,
@@ -420,7 +419,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--examples", help="folder of example pictures the page offers (default: a demo "
                                       "checkpoint's held-out test pictures)")
     p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest image accepted (default 8)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     a = p.parse_args(argv)
     model, tok, info = load(a.checkpoint, a.device)
@@ -431,19 +430,20 @@ def cli(argv: list[str]) -> int:
               f"it has no authentication", file=sys.stderr, flush=True)
     server = Server(engine, a.host, a.port, examples, a.max_upload_mb, log=lambda m: print(m, flush=True),
                     verbose=a.verbose)
-    print(f"serving {engine.name} ({engine.params:,} parameters, {len(examples)} example pictures) on "
-          f"{server.url}  (Ctrl-C stops)", flush=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)         # Ctrl-C -> KeyboardInterrupt, here
     signal.signal(signal.SIGTERM, signal.default_int_handler)        # and `kill` stops as cleanly
     thread = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
-    thread.start()
     try:
+        thread.start()
+        print(f"serving {engine.name} ({engine.params:,} parameters, {len(examples)} example pictures) on "
+              f"{server.url}  (Ctrl-C stops)", flush=True)
         while thread.is_alive():
             thread.join(0.5)
     except KeyboardInterrupt:
         pass
     engine.stopping.set()                # generations in progress end before their next token
-    server.shutdown()
+    if thread.is_alive():
+        server.shutdown()
     server.server_close()
     print("minimind-v serve: stopped", flush=True)
     return 0
