@@ -26,7 +26,6 @@ import base64
 import binascii
 import collections
 import contextlib
-import io
 import ipaddress
 import json
 import mimetypes
@@ -41,9 +40,9 @@ from urllib.parse import urlsplit
 
 import torch
 
-from .chat import image_size, num_patches, prompt_ids, user_message
+from .chat import image_settings, image_size, num_patches, prompt_ids, user_message
 from .generate import stream
-from .image import preprocess
+from .image import BadImage, read_pixels
 from .rundir import load_chat_model
 from .tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS
 
@@ -77,10 +76,9 @@ def checkpoint_name(checkpoint) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
-def decode_image(image, size: int, max_bytes: int) -> torch.Tensor:
-    """An image file as base64 (or a data: URL) -> (3, size, size), preprocessed as chat and training do."""
-    from PIL import Image
-
+def decode_image(image, size: int, max_bytes: int, alpha: str = "white", transform=None) -> torch.Tensor:
+    """An image file as base64 (or a data: URL) -> (3, size, size), decoded with the same checks and
+    preprocessed as chat and training do (`image.read_pixels`; `alpha`/`transform`: `chat.image_settings`)."""
     if not isinstance(image, str):
         raise RequestError(400, "\"image\" must be a base64 string")
     try:
@@ -91,13 +89,9 @@ def decode_image(image, size: int, max_bytes: int) -> torch.Tensor:
         raise RequestError(413, f"the image is {len(data) / 2 ** 20:.1f} MB; the limit is "
                                 f"{max_bytes / 2 ** 20:g} MB (--max-upload-mb)")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return preprocess(im, size)
-    except Image.UnidentifiedImageError:
-        raise RequestError(400, "the image is not a picture Pillow can read (PNG, JPEG, GIF, WebP, BMP, ...)") from None
-    except Exception as e:       # Pillow raises many kinds for a broken file; each is the client's bad input
-        raise RequestError(400, f"the image could not be decoded ({type(e).__name__}: {e})") from None
+        return read_pixels("the uploaded image", size, data=data, alpha=alpha, transform=transform)
+    except BadImage as e:
+        raise RequestError(400, str(e)) from None
 
 
 def find_examples(checkpoint, folder=None, limit: int = 12) -> dict[str, Path]:
@@ -169,7 +163,8 @@ class Engine:
         if body.get("image") is not None:
             if not self.patches:
                 raise RequestError(400, f"{self.name} is a language model: it takes no image")
-            pixels = decode_image(body["image"], self.image_size, max_image_bytes)[None]   # (1, 3, S, S)
+            pixels = decode_image(body["image"], self.image_size, max_image_bytes,
+                                  **image_settings(self.model))[None]                 # (1, 3, S, S)
         n_images = 0 if pixels is None else 1
         marks = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
         if marks > n_images:
@@ -177,7 +172,8 @@ class Engine:
                                     f"{n_images} image(s) (send the picture as \"image\", base64)")
         if marks < n_images:     # no <image> mark: the picture goes after the first question, as in `chat`
             first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages[first] = user_message(messages[first]["content"], n_images)
+            position = (getattr(self.model, "run_info", None) or {}).get("image_position", "after")
+            messages[first] = user_message(messages[first]["content"], n_images, position)
         ids = prompt_ids(self.tok, messages, self.patches)
         room = self.model.max_seq_len - len(ids)
         if room < 1:

@@ -135,5 +135,5 @@ def test_a_bad_file_shows_the_servers_message(served, browser, tmp_path):
     browser.find_element(By.ID, "question").send_keys("What is this?")
     browser.find_element(By.ID, "send").click()
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .msg.error"))
-    assert "not a picture Pillow can read" in browser.find_element(By.CSS_SELECTOR, "#transcript .msg.error").text
+    assert "cannot be read as a picture" in browser.find_element(By.CSS_SELECTOR, "#transcript .msg.error").text
     assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle"
