@@ -1,6 +1,6 @@
 """Shared fixtures of the unit tests.
 
-Every test runs with one torch thread: the models here are tiny (one thread is fastest for them),
+Every test (and every module fixture) runs with one torch thread: the models here are tiny (one thread is fastest for them),
 results do not depend on how many cores the machine has, and parallel test runs do not fight over
 cores. The tests' tiny model configurations are named in `minimind_v.config` (`tiny_lm`,
 `tiny_vision`, `tiny_vlm`), so no test keeps a copy of its own.
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -32,14 +32,6 @@ from minimind_v.vlm import MiniMindVLM
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, one_thread):
     """A quick demo run (seconds), with enough SFT steps that it answers in words, not only <|im_end|>."""
