@@ -17,6 +17,7 @@ Prompts of equal length are decoded together in one batch (no padding needed).
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -93,6 +94,38 @@ def reply(model, tok, messages, pixels, max_new_tokens: int = 64) -> str:
 IMAGE_MODES = ("real", "blank", "shuffled", "none")
 
 
+def picture_derangement(shown: list[list], seed: int = 0) -> list[list]:
+    """Each record's pictures -> another record's pictures, never its own.
+
+    Records are grouped by how many pictures they have (a record with two `<image>` needs two);
+    within a group the *distinct* picture lists are moved along one random cycle (Sattolo's
+    algorithm: a uniformly random cyclic permutation, which has no fixed point), so even records
+    that share a picture all get a different one. A group with a single distinct picture list
+    cannot be deranged and keeps it.
+    """
+    rng = random.Random(seed)
+    out = [list(s) for s in shown]
+    groups = defaultdict(list)                       # picture count -> distinct picture lists, first-seen order
+    for s in shown:
+        key = tuple(str(p) for p in s)
+        if s and key not in groups[len(s)]:
+            groups[len(s)].append(key)
+    moved = {}
+    for keys in groups.values():
+        cycle = list(range(len(keys)))
+        for i in range(len(cycle) - 1, 0, -1):       # Sattolo: j < i (Fisher-Yates would allow j == i)
+            j = rng.randrange(i)
+            cycle[i], cycle[j] = cycle[j], cycle[i]
+        for i, key in enumerate(keys):
+            moved[key] = keys[cycle[i]]
+    by_str = {tuple(str(p) for p in s): s for s in shown}
+    for k, s in enumerate(shown):
+        key = tuple(str(p) for p in s)
+        if s:
+            out[k] = list(by_str[moved[key]])
+    return out
+
+
 def grey_pixels(size: int) -> torch.Tensor:
     """The blank control: a constant mid-grey picture (128, 128, 128), preprocessed. (3, size, size)"""
     from PIL import Image
@@ -106,7 +139,7 @@ def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None,
 
     images: "real" (the records' pictures), or a control that shows what the score owes to them:
     "blank" (every picture a constant mid-grey one), "shuffled" (each record gets another
-    record's picture: `evaluation.picture_derangement(..., seed)`), "none" (the question without
+    record's picture: `picture_derangement(..., seed)`), "none" (the question without
     its `<image>` and no picture).
     Returns {"accuracy", "correct", "total", "by_type": {qtype: (correct, total)}, "examples": [...]},
     examples being (image paths shown, question, reference, prediction) for every record.
@@ -114,7 +147,6 @@ def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None,
     import json
 
     from .data import VLMDataset
-    from .evaluation import picture_derangement
 
     if images not in IMAGE_MODES:
         raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
