@@ -22,8 +22,9 @@ record, so with the causal mask the image positions can already see what is aske
 What to expect: the SFT loss first drops to about 0.7 (the answer's format, guessed from the
 question alone), then falls in steps as the model learns to read colour, shape and position from
 the picture (seed 0: 0.47 at step 1000, 0.03 at step 2000). The run prints a progress line
-per interval, the held-out exact-match accuracy per question type and a few examples, and saves a
-picture grid of test images with questions and answers. With a single thread the whole run takes
+per interval, the held-out exact-match accuracy per question type with the vision-reliance controls
+(blank, shuffled and no pictures, the majority answer: `evaluation.py`) and a few examples, and saves
+a picture grid of test images with questions and answers and `sft/report.md` (`report.py`). With a single thread the whole run takes
 about 5.5 to 6 minutes on a 2-core CPU with AVX-512 (on an older AVX2 one, the same training with
 a third of the pictures took 7.5 to 8.5 minutes; the extra pictures add ~20 s of generation and
 feature caching).

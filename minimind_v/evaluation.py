@@ -23,7 +23,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .chat import picture_derangement  # noqa: E402,F401 (the shuffled control; re-exported)
+from .chat import picture_derangement  # noqa: F401 (re-exported: the shuffled control's derangement)
 
 CONTROLS = ("real", "blank", "shuffled", "none")
 

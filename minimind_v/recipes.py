@@ -94,6 +94,25 @@ def describe(obj, sources: dict, keys=None) -> str:
     return "\n".join(f"  {k} = {getattr(obj, k)!r}  ({sources.get(k, 'default')})" for k in keys)
 
 
+def settings_from_args(args, train_config_cls, recipe: Recipe | None, cfg, log=print):
+    """`minimind-v train`'s effective (TrainConfig, ModelInit): explicit options > the recipe > the
+    defaults; printed, with where each value came from, when a recipe or an init option is used."""
+    names = lambda cls: [f.name for f in fields(cls)]                         # noqa: E731
+    given = {k: getattr(args, k) for k in names(train_config_cls) if getattr(args, k, None) is not None}
+    from_recipe = dict(recipe.stages[args.stage]) if recipe else {}
+    if recipe is not None:
+        from_recipe["max_length"] = cfg.lm.max_seq_len                       # what the small model can hold
+    tcfg, sources = resolve(train_config_cls, from_recipe, given)
+    init, init_sources = resolve(ModelInit, dict(recipe.init) if recipe else {},
+                                 {k: getattr(args, k) for k in names(ModelInit) if getattr(args, k, None) is not None})
+    if recipe is not None or "option" in init_sources.values():
+        log(f"settings ({'recipe ' + recipe.name if recipe else 'no recipe'}; explicit options win):")
+        shown = [k for k in names(train_config_cls) if sources[k] != "default"] + ["epochs", "max_length"]
+        log(describe(tcfg, sources, list(dict.fromkeys(shown)) if recipe else None))
+        log(describe(init, init_sources))
+    return tcfg, init
+
+
 # ----------------------------------------------------------------------------- initialisation
 @torch.no_grad()
 def apply_init(model, init: ModelInit, fresh_lm: bool = True, fresh_vision: bool = True, log=print) -> None:

@@ -224,9 +224,12 @@ def write_report(run_dir, model, tok, eval_data=None, eval_images=None, train_da
               + ".", ""]
     charts = [("loss", "loss per stage", "loss", True), ("lr", "learning rate", "lr", False),
               ("grad_norm", "gradient norm (before clipping)", "grad_norm", True)]
+    offsets, done = {}, 0                                   # stages one after another on the step axis
+    for k, v in runs.items():
+        offsets[k], done = done, done + v[-1]["step"]
     for key, title, field, log_y in charts:
-        draw_chart({k: ([r["step"] for r in v], [r[field] for r in v]) for k, v in runs.items()},
-                   fig / f"{key}.png", title, log_y=log_y)
+        draw_chart({k: ([offsets[k] + r["step"] for r in v], [r[field] for r in v]) for k, v in runs.items()},
+                   fig / f"{key}.png", title, xlabel="step (all stages)", log_y=log_y)
         lines += [f"![{title}](report/{key}.png)", ""]
     rows = runs.get(f"{run_dir.name} (this run)", [])
     tput = {}

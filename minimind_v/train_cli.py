@@ -27,7 +27,7 @@ def cli(argv: list[str]) -> int:
     from .config import VLMConfig
     from .data import VLMDataset, collate
     from .options import add_config_options
-    from .recipes import RECIPES, ModelInit, apply_init, describe, get, model_config, resolve
+    from .recipes import RECIPES, ModelInit, apply_init, get, model_config, settings_from_args
     from .rundir import initialise, read_config, tokenizer_file, write_config
     from .tokenizer import load_tokenizer
     from .vlm import MiniMindVLM, pixel_transform
@@ -83,22 +83,9 @@ def cli(argv: list[str]) -> int:
     if cfg.image_pad_id != tok.image_pad_id:
         cfg.image_pad_id = tok.image_pad_id
 
-    # the effective settings: explicit options > the recipe > the defaults
-    names = lambda cls: [f.name for f in dataclasses.fields(cls)]            # noqa: E731
-    given = {k: getattr(a, k) for k in names(TrainConfig) if getattr(a, k) is not None}
-    from_recipe = dict(recipe.stages[a.stage]) if recipe else {}
-    if recipe is not None:
-        from_recipe["max_length"] = cfg.lm.max_seq_len                       # what the small model can hold
-    tcfg, sources = resolve(TrainConfig, from_recipe, given)
-    init, init_sources = resolve(ModelInit, dict(recipe.init) if recipe else {},
-                                 {k: getattr(a, k) for k in names(ModelInit) if getattr(a, k) is not None})
     rank = int(os.environ.get("RANK", "0"))
     log = print if rank == 0 else (lambda *_: None)
-    if recipe is not None or any(v == "option" for v in init_sources.values()):
-        log(f"settings ({'recipe ' + recipe.name if recipe else 'no recipe'}; explicit options win):")
-        log(describe(tcfg, sources, [k for k in names(TrainConfig) if sources[k] != "default"]
-                     + ["epochs", "max_length"] if recipe else None))
-        log(describe(init, init_sources))
+    tcfg, init = settings_from_args(a, TrainConfig, recipe, cfg, log)      # options > the recipe > defaults
     with RunLock(a.out, log) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             prepare(a.out, tcfg.resume, tcfg.overwrite, log)      # before anything is written into OUT
