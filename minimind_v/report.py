@@ -73,7 +73,7 @@ def flops_per_step(cfg, row: dict, trainable: tuple, cached: bool) -> float:
 
 
 def peak_cache_file() -> Path:
-    root = os.environ.get("MINIMIND_V_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minimind-v")
+    root = os.environ.get("MINIMIND_V_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minimind_v")
     return Path(root) / "matmul-peak.json"
 
 

@@ -7,6 +7,8 @@ cores. The tests' tiny model configurations are named in `minimind_v.config` (`t
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,3 +19,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Caches the code keeps between runs (the measured matmul peak, ...) go to a scratch folder."""
+    old = os.environ.get("MINIMIND_V_CACHE")
+    os.environ["MINIMIND_V_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("MINIMIND_V_CACHE", None)
+    else:
+        os.environ["MINIMIND_V_CACHE"] = old
+

@@ -3,21 +3,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from minimind_v.chat import cli_chat, load_chat_model, load_pixels, prompt_ids, user_message
 from minimind_v.demo import cli
 from minimind_v.generate import generate
 
-
-@pytest.fixture(autouse=True)
-def one_thread(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIMIND_V_CACHE", str(tmp_path / "cache"))        # the matmul peak, not in ~/.cache
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_quick_demo_end_to_end_and_its_checkpoint_chats(tmp_path, capsys):

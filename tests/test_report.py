@@ -19,14 +19,6 @@ from minimind_v.train import forward_loss, step_work
 from minimind_v.vlm import MiniMindVLM
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def reference_probs(attn, x, cos, sin, mask):
     """softmax(Q K^T / sqrt(d) + mask) from the layer's projections, in float64, written out here."""
     B, T, _ = x.shape
