@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -41,6 +42,7 @@ import transformers
 from minimind_v.checkpoint import load_upstream
 from minimind_v.config import LMConfig
 from minimind_v.lm import chunked_lm_loss, lm_loss
+from minimind_v.report import flops_per_step
 
 
 def hf_config(cfg: LMConfig, attn: str):
@@ -120,6 +122,8 @@ def main():
                     help="AdamW implementation, the same for every contestant")
     ap.add_argument("--compile", action="store_true", help="add ours/compiled (torch.compile of ours/fast)")
     ap.add_argument("--upstream-repo", default=None, help="a local copy of upstream MiniMind's repository")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense peak for the dtype (e.g. 989 for an H100/H200 in bf16): prints MFU")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,13 +181,17 @@ def main():
                 times[name].append((time.perf_counter() - t0) / args.steps)
         tokens = args.batch * args.seq
         base = times["hf/sdpa"]
-        print(f"\n[{dtype}] AdamW {args.adamw}; first-step loss: " + ", ".join(f"{n} {l:.5f}" for n, l in losses.items()))
+        # FLOPs of the step as report.py counts them (every linear fwd + 2x bwd, the attention pairs, the head)
+        flops = flops_per_step(SimpleNamespace(lm=cfg), {"tokens": tokens, "pairs": args.batch * args.seq ** 2,
+                                                          "targets": tokens}, ("lm",), cached=True)
+        print(f"\n[{dtype}] {flops / 1e9:.1f} GFLOP/step; AdamW {args.adamw}; first-step loss: " + ", ".join(f"{n} {l:.5f}" for n, l in losses.items()))
         # speed ratio vs hf/sdpa within each round (same load), then the median over rounds
         print(f"{'contestant':<12} {'s/step':>8} {'tokens/s':>10} {'vs hf/sdpa':>11}   (per-round ratios; blocks in s)")
         for name, ts in times.items():
             med = statistics.median(ts)
             ratios = [b / t for b, t in zip(base, ts)]
-            print(f"{name:<12} {med:8.3f} {tokens / med:10.0f} {statistics.median(ratios):10.2f}x   "
+            mfu = f"  MFU {flops / med / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
+            print(f"{name:<12} {med:8.3f} {tokens / med:10.0f} {statistics.median(ratios):10.2f}x{mfu}   "
                   + " ".join(f"{r:.2f}" for r in ratios) + " ; " + " ".join(f"{t:.2f}" for t in ts), flush=True)
         del contestants
 
