@@ -3,31 +3,46 @@
 One step = forward + shifted cross-entropy + backward + AdamW update, at the real config
 (hidden 512, 8 layers, 8/2 heads, vocab 6400) with B=4, T=640 by default, in float32 and
 under bf16 autocast. Contestants:
-    ours/manual   the default, hand-written softmax(QK^T/sqrt(d))V
-    ours/sdpa     attn_impl="sdpa" (F.scaled_dot_product_attention)
+    ours/manual   the default model through the plain API: lm_loss(model(ids), ids)
+    ours/fnorm    the same with norm_impl="fused" (the kernels/ RMSNorm op)
+    ours/chunkce  the default model with chunked_lm_loss (the head's loss chunk by chunk, no logits)
+    ours/fast     both: norm_impl="fused" + chunked_lm_loss
+    ours/compiled torch.compile(ours/fast's model) (with --compile; its compile time is not timed)
+    ours/sdpa     attn_impl="sdpa" (F.scaled_dot_product_attention), plain API
     hf/sdpa       LlamaForCausalLM, transformers' default attention
     hf/eager      LlamaForCausalLM, attn_implementation="eager" (its hand-written path)
+    upstream      upstream MiniMind's own model code (model/model_minimind.py of a local copy of its
+                  repository, --upstream-repo DIR) at the same sizes; its current code adds an
+                  RMSNorm on q and k (so its loss differs slightly), loaded with the shared weights
+Every contestant uses the same optimizer (--adamw: fused by default, as train.py).
 
 Measurements are interleaved (one block of steps per contestant, round-robin, `--repeats`
 rounds) so load from other processes hits everyone alike. Reported: each contestant's median
 block time, and the median over rounds of its speed ratio to hf/sdpa within the round.
 
-    python benchmarks/bench_lm_train.py --dtypes fp32        # CPU: ~10 minutes on 2 shared cores
+    python benchmarks/bench_lm_train.py --dtypes fp32 --threads 1   # CPU: ~10 minutes on 2 shared cores
+    python benchmarks/bench_lm_train.py --dtypes fp32 --upstream-repo /tmp/upstream_minimind
     python benchmarks/bench_lm_train.py --dtypes bf16 --device cuda   # bf16 needs bf16 hardware
     python benchmarks/bench_lm_train.py --device cuda --steps 10 --repeats 5
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
 
 from minimind_v.checkpoint import load_upstream
 from minimind_v.config import LMConfig
-from minimind_v.lm import lm_loss
+from minimind_v.lm import chunked_lm_loss, lm_loss
+from minimind_v.report import flops_per_step
 
 
 def hf_config(cfg: LMConfig, attn: str):
@@ -41,14 +56,22 @@ def hf_config(cfg: LMConfig, attn: str):
     return c
 
 
-def make_step(model, is_hf: bool, ids, dtype, device):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def make_optimizer(params, kind: str):
+    return torch.optim.AdamW(params, lr=1e-4, **{"fused": dict(fused=True), "foreach": dict(foreach=True),
+                                                  "loop": dict(foreach=False)}[kind])
+
+
+def make_step(model, kind: str, ids, dtype, device, adamw: str):
+    """kind: "hf" (model(input_ids, labels).loss), "plain" (lm_loss(model(ids))), "chunked"."""
+    opt = make_optimizer(model.parameters(), adamw)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
     def step():
         with autocast:
-            if is_hf:
+            if kind == "hf":
                 loss = model(input_ids=ids, labels=ids).loss
+            elif kind == "chunked":
+                loss = chunked_lm_loss(model, ids, ids)
             else:
                 loss = lm_loss(model(ids), ids)
         loss.backward()
@@ -56,6 +79,27 @@ def make_step(model, is_hf: bool, ids, dtype, device):
         opt.zero_grad(set_to_none=True)
         return loss
     return step
+
+
+def upstream_model(repo: str, cfg: LMConfig, state: dict):
+    """Upstream MiniMind's MiniMindForCausalLM from DIR/model/model_minimind.py at our sizes."""
+    path = Path(repo) / "model" / "model_minimind.py"
+    if not path.exists():
+        sys.exit(f"--upstream-repo: {path} not found (expected a copy of upstream MiniMind's repository)")
+    spec = importlib.util.spec_from_file_location("upstream_model_minimind", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ucfg = mod.MiniMindConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                              num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                              intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                              rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+                              max_position_embeddings=cfg.max_seq_len, flash_attn=True)
+    model = mod.MiniMindForCausalLM(ucfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    extra = sorted({k.split(".")[-2] for k in missing if "norm" in k})
+    print(f"upstream: {path}; keys of its own (left at their init): {extra or 'none'}; "
+          f"unused of ours: {len(unexpected)}")
+    return model
 
 
 def sync(device):
@@ -72,8 +116,14 @@ def main():
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    ap.add_argument("--contestants", default="ours/manual,ours/sdpa,hf/sdpa,hf/eager",
+    ap.add_argument("--contestants", default="ours/manual,ours/fnorm,ours/chunkce,ours/fast,ours/sdpa,hf/sdpa,hf/eager",
                     help="comma-separated subset (hf/sdpa, the baseline, is always run)")
+    ap.add_argument("--adamw", choices=("fused", "foreach", "loop"), default="fused",
+                    help="AdamW implementation, the same for every contestant")
+    ap.add_argument("--compile", action="store_true", help="add ours/compiled (torch.compile of ours/fast)")
+    ap.add_argument("--upstream-repo", default=None, help="a local copy of upstream MiniMind's repository")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense peak for the dtype (e.g. 989 for an H100/H200 in bf16): prints MFU")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,7 +131,8 @@ def main():
     cfg = LMConfig()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
           f"threads {torch.get_num_threads()}, B={args.batch} T={args.seq}, "
-          f"{args.steps} step(s) x {args.repeats} repeats per contestant")
+          f"{args.steps} step(s) x {args.repeats} repeats per contestant, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     for dtype in args.dtypes.split(","):
@@ -89,17 +140,36 @@ def main():
         torch.manual_seed(0)
         ref = transformers.LlamaForCausalLM(hf_config(cfg, "sdpa"))
         state = {k: v.clone() for k, v in ref.state_dict().items()}
-        contestants = {}
-        for impl in ("manual", "sdpa"):
-            m = load_upstream(state, LMConfig(attn_impl=impl)).to(device).train()
-            contestants[f"ours/{impl}"] = make_step(m, False, ids, dtype, device)
-        for attn in ("sdpa", "eager"):
-            h = transformers.LlamaForCausalLM(hf_config(cfg, attn))
-            h.load_state_dict(state)
-            contestants[f"hf/{attn}"] = make_step(h.to(device).train(), True, ids, dtype, device)
         wanted = set(args.contestants.split(",")) | {"hf/sdpa"}
-        contestants = {name: step for name, step in contestants.items() if name in wanted}
-        losses = {name: float(step().detach()) for name, step in contestants.items()}   # warmup; same loss?
+        if args.compile:
+            wanted.add("ours/compiled")
+        if args.upstream_repo:
+            wanted.add("upstream")
+        ours = {"ours/manual": ("manual", "eager", "plain"), "ours/fnorm": ("manual", "fused", "plain"),
+                "ours/chunkce": ("manual", "eager", "chunked"), "ours/fast": ("manual", "fused", "chunked"),
+                "ours/compiled": ("manual", "fused", "chunked"), "ours/sdpa": ("sdpa", "eager", "plain")}
+        contestants = {}
+        for name, (impl, norm, loss) in ours.items():
+            if name in wanted:
+                m = load_upstream(state, LMConfig(attn_impl=impl, norm_impl=norm)).to(device).train()
+                if name == "ours/compiled":
+                    m = torch.compile(m)
+                contestants[name] = make_step(m, loss, ids, dtype, device, args.adamw)
+        for attn in ("sdpa", "eager"):
+            if f"hf/{attn}" in wanted:
+                h = transformers.LlamaForCausalLM(hf_config(cfg, attn))
+                h.load_state_dict(state)
+                contestants[f"hf/{attn}"] = make_step(h.to(device).train(), "hf", ids, dtype, device, args.adamw)
+        if "upstream" in wanted:
+            u = upstream_model(args.upstream_repo, cfg, state).to(device).train()
+            contestants["upstream"] = make_step(u, "hf", ids, dtype, device, args.adamw)
+        t0 = time.perf_counter()
+        losses = {}
+        for name, step in contestants.items():                     # warmup (and compile); same loss?
+            losses[name] = float(step().detach())
+            sync(device)
+            print(f"  first step of {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+            t0 = time.perf_counter()
         times = {name: [] for name in contestants}
         for _ in range(args.repeats):
             for name, step in contestants.items():
@@ -111,14 +181,18 @@ def main():
                 times[name].append((time.perf_counter() - t0) / args.steps)
         tokens = args.batch * args.seq
         base = times["hf/sdpa"]
-        print(f"\n[{dtype}] first-step loss: " + ", ".join(f"{n} {l:.5f}" for n, l in losses.items()))
+        # FLOPs of the step as report.py counts them (every linear fwd + 2x bwd, the attention pairs, the head)
+        flops = flops_per_step(SimpleNamespace(lm=cfg), {"tokens": tokens, "pairs": args.batch * args.seq ** 2,
+                                                          "targets": tokens}, ("lm",), cached=True)
+        print(f"\n[{dtype}] {flops / 1e9:.1f} GFLOP/step; AdamW {args.adamw}; first-step loss: " + ", ".join(f"{n} {l:.5f}" for n, l in losses.items()))
         # speed ratio vs hf/sdpa within each round (same load), then the median over rounds
         print(f"{'contestant':<12} {'s/step':>8} {'tokens/s':>10} {'vs hf/sdpa':>11}   (per-round ratios; blocks in s)")
         for name, ts in times.items():
             med = statistics.median(ts)
             ratios = [b / t for b, t in zip(base, ts)]
-            print(f"{name:<12} {med:8.3f} {tokens / med:10.0f} {statistics.median(ratios):10.2f}x   "
-                  + " ".join(f"{r:.2f}" for r in ratios) + " ; " + " ".join(f"{t:.2f}" for t in ts))
+            mfu = f"  MFU {flops / med / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
+            print(f"{name:<12} {med:8.3f} {tokens / med:10.0f} {statistics.median(ratios):10.2f}x{mfu}   "
+                  + " ".join(f"{r:.2f}" for r in ratios) + " ; " + " ".join(f"{t:.2f}" for t in ts), flush=True)
         del contestants
 
 

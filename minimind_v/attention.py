@@ -175,10 +175,11 @@ def causal_attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     return out.permute(0, 2, 1, 3, 4).reshape(B, T, H, hd)                          # head h = kv * r + rep
 
 
-def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """`attend` for GQA without repeating K/V (same result as repeat_kv + `attend`).
-    q (B, T, H, hd), k/v (B, S, H_kv, hd), mask bool (T, S) or (B or 1, 1, T, S) -> (B, T, H, hd).
+    q (B, T, H, hd), k/v (B, S, H_kv, hd), mask bool (T, S) or (B or 1, 1, T, S) -> (B, T, H, hd);
+    mask None = every query sees every key (one new token after a cache, no padding).
 
     The r = H / H_kv query heads that share a K/V head become r * T rows of one product with it,
     so the keys are read once per group, never copied to H heads. This matters for decoding: each
@@ -192,8 +193,9 @@ def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     q = q.reshape(B, n_kv, r * T, hd)                                      # rows: rep-major, then t
     k, v = k.transpose(1, 2), v.transpose(1, 2)                            # (B, H_kv, S, hd), views
     scores = (q @ k.transpose(-2, -1)).view(B, n_kv, r, T, S)              # (B, H_kv, r, T, S)
-    mask = mask if mask.dim() == 2 else mask[:, :, None]                   # (T, S) or (B|1, 1, 1, T, S)
-    scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    if mask is not None:
+        mask = mask if mask.dim() == 2 else mask[:, :, None]               # (T, S) or (B|1, 1, 1, T, S)
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     probs = F.dropout(probs, p=dropout_p, training=training)
     out = probs.view(B, n_kv, r * T, S) @ v                                # (B, H_kv, r*T, hd)
@@ -294,7 +296,7 @@ class Attention(nn.Module):
         if self.impl == "manual" and mask is None and k.shape[1] == T:    # plain causal, no cache
             out = causal_attend_blocked(q, k, v, dropout_p=p, training=self.training)   # (B, T, H, hd)
         elif self.impl == "manual":                                 # padding, or tokens after a cache
-            if mask is None:
+            if mask is None and T > 1:                              # one new token sees the whole cache
                 mask = causal_mask(T, k.shape[1], x.device)         # (T, S)
             out = attend_grouped(q, k, v, mask, p, self.training)   # (B, T, H, hd)
         else:

@@ -108,7 +108,7 @@ class MiniMindLM(nn.Module):
 
     def forward_embeds(self, h: torch.Tensor, kv_cache: KVCache | None = None,
                        attention_mask: torch.Tensor | None = None,
-                       logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                       logits_at: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
         """Run the blocks on token vectors h (B, T, D) -> logits (B, T, V).
 
         With a cache holding `past` tokens, h are the next T tokens (positions past..past+T-1).
@@ -116,7 +116,11 @@ class MiniMindLM(nn.Module):
         logits_at (B, T) bool: compute logits only where True and return them as (K, V), K = the
         number of True entries in row-major order. Training needs logits only where a label is
         taken (the answer tokens of SFT: a few of every row), and the head (D x V) is one of the
-        biggest matrices, so this skips most of its work.
+        biggest matrices, so this skips most of its work. logits_at may also be the flat indices
+        (K,) int64 of those positions (`logits_at.flatten().nonzero()[:, 0]`): the same rows, but a
+        gather `torch.compile` can trace (a boolean index has a data-dependent size).
+        head=False returns the final-normed hidden states (B, T, D) or (K, D) instead of logits,
+        for `chunked_lm_loss`.
         """
         B, T, _ = h.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -132,15 +136,18 @@ class MiniMindLM(nn.Module):
             h = block(h, cos, sin, mask, kv_cache)
         if self.cfg.use_moe:                                            # 0 in eval mode, as upstream
             self.aux_loss = sum(block.ffn.aux_loss for block in self.layers)
-        if logits_at is not None:
+        if logits_at is not None and logits_at.dtype == torch.bool:
             h = h[logits_at]                                            # (K, D)
-        return self.lm_head(self.norm(h))                               # (B, T, V) or (K, V)
+        elif logits_at is not None:
+            h = h.reshape(B * T, -1).index_select(0, logits_at)        # (K, D)
+        h = self.norm(h)
+        return self.lm_head(h) if head else h                           # (B, T, V) or (K, V)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) (or (K, V) with `logits_at`, see `forward_embeds`)."""
-        return self.forward_embeds(self.embed(input_ids), kv_cache, attention_mask, logits_at)
+        return self.forward_embeds(self.embed(input_ids), kv_cache, attention_mask, logits_at, head)
 
 
 def next_token_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -160,6 +167,76 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
     targets = next_token_targets(labels, ignore_index)             # (B, T)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of h @ W^T, chunk by chunk; see `linear_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, chunk_size, dtype):
+        # h (N, D), weight (V, D), targets (N,); matmuls in `dtype` (autocast's), softmax in float32
+        counted = targets != ignore_index                                   # (N,)
+        n = counted.sum()                            # 0 counted rows: nan, as F.cross_entropy
+        acc = torch.promote_types(dtype, torch.float32)                     # softmax, sums: >= float32
+        hc, wc = h.to(dtype), weight.to(dtype)
+        grad_h = torch.empty_like(hc)                                       # (N, D)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device)   # (V, D)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for s in range(0, h.shape[0], chunk_size):
+            h_c, t_c, m_c = hc[s:s + chunk_size], targets[s:s + chunk_size], counted[s:s + chunk_size]
+            logits = (h_c @ wc.t()).to(acc)                                 # (C, V): the only logits held
+            lse = logits.logsumexp(dim=-1)                                  # (C,)
+            t_safe = torch.where(m_c, t_c, 0)[:, None]                      # (C, 1)
+            total += ((lse - logits.gather(1, t_safe)[:, 0]) * m_c).sum()
+            # d(sum of counted losses)/d logits = softmax - onehot(target), zero on ignored rows
+            g = logits.sub_(lse[:, None]).exp_()                            # (C, V), in place
+            g.scatter_add_(1, t_safe, torch.full_like(t_safe, -1, dtype=g.dtype))
+            g.mul_((m_c.to(acc) / n)[:, None])
+            g = g.to(dtype)
+            grad_h[s:s + chunk_size] = g @ wc                               # (C, D)
+            if dtype == acc:
+                grad_w.addmm_(g.t(), h_c)                                   # (V, D)
+            else:                                       # a bf16 product per chunk, summed in float32
+                grad_w += g.t() @ h_c
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = h.dtype, weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return ((grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]),
+                None, None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, chunk_size: int = 512) -> torch.Tensor:
+    """`F.cross_entropy(h @ weight.T, targets)` without ever holding the (N, V) logits.
+
+    h (N, D), weight (V, D) (the head), targets (N,) with `ignore_index` where no loss is taken
+    -> the mean over the counted rows. The rows go in chunks of `chunk_size`: each chunk's logits
+    (C, V) are computed, reduced to their loss, and turned at once into their gradient
+    (softmax - onehot), which two matmuls fold into grad h and grad W; then the chunk is dropped.
+    With the full logits in float32 (4 x 640 x 6400 of them are 65 MB, more than the model) the
+    plain loss spends its time moving them: log_softmax forward and backward, each a few passes.
+    Under autocast the matmuls run in autocast's dtype and the softmax in float32, as the plain
+    head + `lm_loss` do. The gradients are computed in the forward, so call backward once.
+    """
+    dtype = h.dtype
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size, dtype)
+
+
+def chunked_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                    chunk_size: int = 512) -> torch.Tensor:
+    """`lm_loss(model(input_ids), labels)` computed through `linear_cross_entropy`: the same loss and
+    gradients (up to float rounding), without the (B, T, V) logits. input_ids, labels (B, T)."""
+    h = model(input_ids, head=False)                                    # (B, T, D), after the final norm
+    targets = next_token_targets(labels, ignore_index)                  # (B, T)
+    return linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight, targets.reshape(-1),
+                                ignore_index, chunk_size)
 
 
 def loss_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,7 +149,8 @@ def forward_loss(model, batch: dict, device: torch.device):
         kwargs["pixel_values"] = batch["pixel_values"].to(device)                  # (B, N, 3, S, S)
     # logits only where a label is taken (the same loss as lm_loss on all logits, less work)
     logits_at, targets = loss_positions(labels)        # (B, T) bool, (K,)
-    logits = model(input_ids, logits_at=logits_at, **kwargs)    # (K, V)
+    index = logits_at.flatten().nonzero()[:, 0]        # (K,) flat positions: a gather torch.compile traces
+    logits = model(input_ids, logits_at=index, **kwargs)        # (K, V)
     loss = F.cross_entropy(logits.float(), targets)
     aux = getattr(getattr(model, "module", model), "aux_loss", None)     # MoE load balancing (DDP: .module)
     if aux is not None:
@@ -261,8 +262,9 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
     parts = model_parts(model)
 
     # -- optimizer, precision
+    # fused: one kernel updates every tensor of a group (the same rule as the for-loop AdamW)
     optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas,
-                                  foreach=False)
+                                  fused=True)
     scaler = torch.amp.GradScaler("cuda") if tcfg.dtype == "fp16" else None
     train_model = model
     if world > 1:
