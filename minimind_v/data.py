@@ -63,7 +63,7 @@ from PIL import Image
 from .image import BadImage, open_image, read_pixels
 from .tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS
 
-IGNORE = -100   # label of every token the loss skips
+from .lm import IGNORE  # noqa: E402  (-100: the label of every token the loss skips)
 SHOWN_SKIPS = 5  # skipped records quoted in summary()
 PARQUET_CONVERSATIONS, PARQUET_IMAGES = "conversations", "image_bytes"   # upstream MiniMind-V's columns
 

@@ -47,7 +47,7 @@ from .checkpoint import atomic_save
 from .distributed import autocast, rng_state, seed_everything, setup_distributed
 from .freeze import FREEZE_RULES, GROUPS, apply_freeze, model_parts, param_groups
 from .features import with_feature_cache
-from .lm import count_parameters, loss_positions
+from .lm import IGNORE, count_parameters, loss_positions
 from .plots import draw_loss_curve
 from .train_state import TrainingError, resume, save_checkpoint
 from .rundir import (CHECKPOINT, LOSS_PNG, METRICS, WEIGHTS, RunLock, clean_temp_files, keep_metrics_until,
@@ -163,7 +163,7 @@ def step_work(batch: dict, work: dict | None) -> dict:
     tokens (B*T, padding included), rows, attention pairs (B*T^2), answer positions, images."""
     B, T = batch["input_ids"].shape
     n_img = int(batch["image_counts"].sum()) if batch.get("image_counts") is not None else 0
-    n_lab = int((batch["labels"] != -100).sum()) if batch.get("labels") is not None else 0
+    n_lab = int((batch["labels"] != IGNORE).sum()) if batch.get("labels") is not None else 0
     work = work or {"tokens": 0, "rows": 0, "pairs": 0, "targets": 0, "images": 0}
     for k, v in (("tokens", B * T), ("rows", B), ("pairs", B * T * T), ("targets", n_lab), ("images", n_img)):
         work[k] += v
