@@ -61,9 +61,9 @@ import torch
 from PIL import Image
 
 from .image import BadImage, open_image, read_pixels
+from .lm import IGNORE  # noqa: F401  (-100: the label of every token the loss skips; data.IGNORE)
 from .tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS
 
-from .lm import IGNORE  # noqa: E402  (-100: the label of every token the loss skips)
 SHOWN_SKIPS = 5  # skipped records quoted in summary()
 PARQUET_CONVERSATIONS, PARQUET_IMAGES = "conversations", "image_bytes"   # upstream MiniMind-V's columns
 
