@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from .config import VLMConfig
+from .lm import count_parameters
 from .recipes import ModelInit, apply_init, get, model_config, resolve
 from .rundir import write_config
 from .train import TrainConfig, train
@@ -98,10 +99,10 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
     model = MiniMindVLM(cfg)
     init, _ = resolve(ModelInit, dict(recipe.init), {})
     apply_init(model, init, log=lambda m: None)
-    n_lm = sum(p.numel() for p in model.lm.parameters())
-    n_all = sum(p.numel() for p in model.parameters())
+    n_lm = count_parameters(model.lm)
+    n_all = count_parameters(model)
     log(f"      model: {n_all:,} parameters ({n_lm:,} language model, "
-        f"{sum(p.numel() for p in model.vision_encoder.parameters()):,} frozen vision encoder); recipe {recipe.name}")
+        f"{count_parameters(model.vision_encoder):,} frozen vision encoder); recipe {recipe.name}")
     datasets = {split: VLMDataset(data / f"{split}_train.jsonl", data / "images", tok, max_length=128, keep_encoded=True,
                                   num_patches=cfg.num_patches, image_size=48) for split in ("pretrain", "sft")}
     steps = {"pretrain": overrides.get("pretrain_steps"), "sft": overrides.get("sft_steps")}
@@ -120,7 +121,7 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
 
     # 5. evaluate on held-out pictures, with the controls: blank / shuffled / no picture, majority answer
     model.eval()
-    log(f"[5/5] held-out exact match, and the same model without the real pictures:")
+    log("[5/5] held-out exact match, and the same model without the real pictures:")
     results = controls(model, tok, data / "sft_test.jsonl", data / "images", data / "sft_train.jsonl")
     res = results["real"]
     lap("eval")

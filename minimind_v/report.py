@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .lm import count_parameters
 from .plots import draw_bars, draw_chart
 from .rundir import METRICS, read_config, read_metrics
 
@@ -214,7 +215,7 @@ def write_report(run_dir, model, tok, eval_data=None, eval_images=None, train_da
     stages = [Path(s) for s in (stages or stage_dirs(run_dir))]
     info = read_config(run_dir)
     lines = [f"# Training report: {run_dir.name}", "",
-             f"Model: {sum(p.numel() for p in model.parameters()):,} parameters; LM hidden {model.cfg.lm.hidden_size} x "
+             f"Model: {count_parameters(model):,} parameters; LM hidden {model.cfg.lm.hidden_size} x "
              f"{model.cfg.lm.num_layers} layers; {model.cfg.num_patches} image patches of "
              f"{model.cfg.vision.patch_size} px at {model.cfg.vision.image_size} px; recipe: {info.get('recipe')}; "
              f"init: {info.get('model_init')}.", ""]

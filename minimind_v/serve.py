@@ -43,6 +43,7 @@ import torch
 from .chat import image_settings, image_size, num_patches, prompt_ids, user_message
 from .generate import stream
 from .image import BadImage, read_pixels
+from .lm import count_parameters
 from .rundir import load_chat_model
 from .tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS
 
@@ -111,7 +112,7 @@ class Engine:
 
     def __init__(self, model, tok, name: str, stage: str | None = None):
         self.model, self.tok, self.name, self.stage = model, tok, name, stage
-        self.params = sum(p.numel() for p in model.parameters())
+        self.params = count_parameters(model)
         self.device = next(model.parameters()).device
         self.patches = num_patches(model)                 # 0 for a language model: it takes no picture
         self.image_size = image_size(model) if self.patches else None
