@@ -143,7 +143,7 @@ def pick_patch_size(image_size: int) -> int:
 
 
 def model_config(vocab_size: int, image_pad_id: int, image_size: int = 48, preset: str = "small",
-                 patch_size: int | None = None, max_seq_len: int = 256) -> VLMConfig:
+                 patch_size: int | None = None, max_seq_len: int = 256, projector: str = "linear") -> VLMConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     s = PRESETS[preset]
@@ -158,11 +158,11 @@ def model_config(vocab_size: int, image_pad_id: int, image_size: int = 48, prese
         vision=VisionConfig(image_size=image_size, patch_size=patch, hidden_size=s["vision_hidden"],
                             num_layers=s["vision_layers"], num_heads=v_heads,
                             intermediate_size=4 * s["vision_hidden"]),
-        image_pad_id=image_pad_id, num_patches=n_patches)
+        image_pad_id=image_pad_id, num_patches=n_patches, projector=projector)
 
 
 def cli_model_config(argv: list[str]) -> int:
-    """`minimind-v model-config --tokenizer T --image-size 64 --out cfg.json [--preset small]`"""
+    """`minimind-v model-config --tokenizer T --image-size 64 --out cfg.json [--preset small] [--projector mlp]`"""
     from .tokenizer import Tokenizer
 
     p = argparse.ArgumentParser(prog="minimind-v model-config",
@@ -172,13 +172,16 @@ def cli_model_config(argv: list[str]) -> int:
     p.add_argument("--patch-size", type=int, help="default: 8-16 px, a 3x3 to 8x8 grid")
     p.add_argument("--preset", default="small", choices=tuple(PRESETS))
     p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--projector", default="linear", choices=("linear", "mlp"),
+                   help="linear: one Linear (MiniMind2-V); mlp: LayerNorm -> Linear -> GELU -> Linear, a "
+                        "nonlinear read of each patch vector (minimind-3v's kind)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     tok = Tokenizer(a.tokenizer)
-    cfg = model_config(len(tok), tok.image_pad_id, a.image_size, a.preset, a.patch_size, a.max_seq_len)
+    cfg = model_config(len(tok), tok.image_pad_id, a.image_size, a.preset, a.patch_size, a.max_seq_len, a.projector)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(cfg.to_dict(), indent=2))
     print(f"wrote {a.out}: LM hidden {cfg.lm.hidden_size} x {cfg.lm.num_layers} layers, vocab {cfg.lm.vocab_size}; "
           f"ViT {cfg.vision.image_size} px / {cfg.vision.patch_size} px patches = {cfg.num_patches} per image, "
-          f"hidden {cfg.vision.hidden_size} x {cfg.vision.num_layers} layer(s)")
+          f"hidden {cfg.vision.hidden_size} x {cfg.vision.num_layers} layer(s); {cfg.projector} projector")
     return 0

@@ -63,6 +63,13 @@ def test_model_config_command(tmp_path, capsys):
     assert (cfg.lm.hidden_size, cfg.lm.num_layers, cfg.vision.num_layers) == (128, 2, 1)
     MiniMindVLM(cfg)
     assert [pick_patch_size(s) for s in (48, 64, 32, 96, 72)] == [16, 16, 8, 16, 12]
+    assert cfg.projector == "linear"                                       # MiniMind2-V's, unless asked
+    assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "64",
+                 "--projector", "mlp", "--out", str(tmp_path / "mlp.json")]) == 0
+    mlp = VLMConfig(**json.loads((tmp_path / "mlp.json").read_text()))
+    assert mlp.projector == "mlp" and mlp.num_patches == 16
+    layers = MiniMindVLM(mlp).vision_proj.vision_proj
+    assert [type(m).__name__ for m in layers] == ["LayerNorm", "Linear", "GELU", "Linear"]
     assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "101",
                  "--out", str(tmp_path / "x.json")]) == 2
     assert "image size 101" in capsys.readouterr().err
@@ -96,3 +103,16 @@ def test_train_cli_prints_the_effective_settings(tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and rows[0]["images"] == 16 and rows[0]["rows"] == 16
     assert (tmp_path / "run" / "report.md").is_file()
+
+
+def test_a_trainable_encoder_refuses_the_recipes_feature_cache(tmp_path, capsys):
+    """The recipes cache the frozen encoder's features; asking for 'vision' to learn with such a
+    recipe is one clear error (exit status 2), not a silently stale cache."""
+    data = make_dataset(tmp_path / "d", 16, 2, seed=0)
+    assert main(["tokenizer", "train", str(data / "sft_train.jsonl"), "--out", str(tmp_path / "t"),
+                 "--vocab-size", "400"]) == 0
+    args = ["train", "--stage", "sft", "--recipe", "smoke", "--data", str(data / "sft_train.jsonl"),
+            "--images", str(data / "images"), "--tokenizer", str(tmp_path / "t.model")]
+    assert main(args + ["--out", str(tmp_path / "v"), "--trainable", "lm,projector,vision"]) == 2
+    assert "feature cache needs a frozen vision encoder" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "ok"), "--trainable", "lm,projector"]) == 0
