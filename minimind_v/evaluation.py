@@ -84,6 +84,8 @@ def controls(model, tok, jsonl, image_root, train_data=None, limit: int | None =
     out["majority_from"] = f"training split {train_data}" if train_data else "scored split (no --train-data)"
     if "real" in out and "blank" in out:
         out["image_gain"] = out["real"]["accuracy"] - out["blank"]["accuracy"]
+    if "real" in out and "shuffled" in out:
+        out["shuffled_gain"] = out["real"]["accuracy"] - out["shuffled"]["accuracy"]
     return out
 
 
@@ -92,7 +94,10 @@ def table(res: dict) -> list[str]:
     modes = [m for m in CONTROLS if m in res] + ["majority"]
     lines = []
     if "image_gain" in res:
-        lines.append(f"image gain (real - blank): {100 * res['image_gain']:+.1f} points")
+        # a grey picture unlike any training picture can score below chance, which inflates real - blank;
+        # real - shuffled (another record's real picture) is the stricter measure, printed beside it
+        shuffled = f" (real - shuffled: {100 * res['shuffled_gain']:+.1f})" if "shuffled_gain" in res else ""
+        lines.append(f"image gain (real - blank): {100 * res['image_gain']:+.1f} points{shuffled}")
     types = list(res[modes[0]]["by_type"])
     head = f"{'qtype':10s} {'n':>5s} " + " ".join(f"{m:>9s}" for m in modes)
     lines += [head]

@@ -59,6 +59,7 @@ def test_blank_shuffled_and_none_equal_the_model_run_by_hand(trained):
         assert res["shuffled"]["examples"][k][0] == [str(shuffled[k][0])] != [str(data / "images" / rec["image"])]
         assert res["none"]["examples"][k][3] == alone.strip() and res["none"]["examples"][k][0] == []
     assert res["image_gain"] == res["real"]["accuracy"] - res["blank"]["accuracy"]
+    assert res["shuffled_gain"] == res["real"]["accuracy"] - res["shuffled"]["accuracy"]
     assert len({ex[3] for ex in res["real"]["examples"]}) > 1          # a model that says something varied
 
 
@@ -107,7 +108,7 @@ def test_eval_cli_prints_the_gain_first_and_says_where_the_majority_came_from(tr
             str(data / "images"), "--max-new-tokens", "4", "--show", "0"]
     assert main(args + ["--train-data", str(data / "sft_train.jsonl")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("image gain (real - blank):")
+    assert out[0].startswith("image gain (real - blank):") and "(real - shuffled: " in out[0]
     assert out[1].split() == ["qtype", "n", "real", "blank", "shuffled", "none", "majority"]
     assert any(line.startswith("all ") for line in out) and "training split" in out[-2]
     assert main(args) == 0
