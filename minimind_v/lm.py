@@ -31,7 +31,7 @@ from .moe import MoEFeedForward
 from .norm import RMSNorm
 from .rope import rope_tables
 
-IGNORE = -100   # the label of every position the loss skips (data.py writes it outside the replies)
+IGNORE = -100   # the label of every position the loss skips (data.py writes it; the defaults below spell it)
 
 
 def rope_tables_for(cfg: LMConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +152,7 @@ class MiniMindLM(nn.Module):
         return self.forward_embeds(self.embed(input_ids), kv_cache, attention_mask, logits_at, head)
 
 
-def next_token_targets(labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+def next_token_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """labels (B, T) -> targets (B, T): position t predicts labels[t+1]; the last predicts nothing.
 
     Shifting the labels, not the logits: logits are the biggest tensor of the step, and slicing
@@ -161,7 +161,7 @@ def next_token_targets(labels: torch.Tensor, ignore_index: int = IGNORE) -> torc
     return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Next-token cross-entropy: position t predicts labels[t+1]; -100 labels are ignored.
 
     logits (B, T, V), labels (B, T) -> scalar mean over the counted positions.
@@ -212,7 +212,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = IGNORE, chunk_size: int = 512) -> torch.Tensor:
+                         ignore_index: int = -100, chunk_size: int = 512) -> torch.Tensor:
     """`F.cross_entropy(h @ weight.T, targets)` without ever holding the (N, V) logits.
 
     h (N, D), weight (V, D) (the head), targets (N,) with `ignore_index` where no loss is taken
@@ -231,7 +231,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_size, dtype)
 
 
-def chunked_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE,
+def chunked_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                     chunk_size: int = 512) -> torch.Tensor:
     """`lm_loss(model(input_ids), labels)` computed through `linear_cross_entropy`: the same loss and
     gradients (up to float rounding), without the (B, T, V) logits. input_ids, labels (B, T)."""
@@ -241,7 +241,7 @@ def chunked_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, ignore
                                 ignore_index, chunk_size)
 
 
-def loss_positions(labels: torch.Tensor, ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """The positions `lm_loss` counts, for `forward(..., logits_at=...)`.
 
     labels (B, T) -> (logits_at (B, T) bool: position t is kept when labels[t+1] is a target,
