@@ -25,6 +25,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
                                 default=None, help="do not " + help_)
         elif kind == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=help_)
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                help=argparse.SUPPRESS)        # turns off what a recipe switched on
         elif kind.startswith("tuple"):
             parser.add_argument(flag, type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
                                 help=help_)

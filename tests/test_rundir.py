@@ -210,3 +210,17 @@ def test_chat_refuses_bad_numbers_and_a_tokenizer_that_does_not_fit(cli_data, tm
     with pytest.raises(ValueError, match=rf"tokenizer has {len(tok)} pieces but the model's embedding has "
                                          rf"{len(small_tok)} rows"):
         load_chat_model(tmp_path / "ckpt")
+
+
+def test_every_switch_can_be_turned_off_again():
+    """A recipe may switch the feature cache on; `--no-feature-cache` must win over it (and be parsed)."""
+    import argparse
+
+    from minimind_v.options import add_config_options, config_from_args
+    p = argparse.ArgumentParser()
+    add_config_options(p, TrainConfig)
+    assert p.parse_args([]).feature_cache is None                         # not given: the default or the recipe
+    assert config_from_args(p.parse_args(["--stage", "sft", "--feature-cache"]), TrainConfig).feature_cache
+    off = p.parse_args(["--stage", "sft", "--feature-cache", "--no-feature-cache"])
+    assert off.feature_cache is False and config_from_args(off, TrainConfig).feature_cache is False
+    assert config_from_args(p.parse_args(["--stage", "sft", "--no-plot"]), TrainConfig).plot is False
