@@ -350,7 +350,7 @@ def cli(argv: list[str]) -> int:
                    help="also keep the generated dataset's answer words whole (synthetic.answer_words())")
     t.add_argument("--character-coverage", type=float, default=0.9995)
     e = sub.add_parser("encode", help="show how a text is tokenized")
-    e.add_argument("--model", required=True, help="a .model file")
+    e.add_argument("--model", required=True, help="a .model file, a tokenizer.json, or a folder with either")
     e.add_argument("text")
     args = parser.parse_args(argv)
     if args.action == "train":
@@ -362,7 +362,7 @@ def cli(argv: list[str]) -> int:
                               character_coverage=args.character_coverage)
         print(f"wrote {tok.model_file} ({len(tok)} pieces)")
     else:
-        tok = Tokenizer(args.model)
+        tok = load_tokenizer(args.model)
         ids = tok.encode(args.text)
         print(f"{len(ids)} tokens")
         for i in ids:

@@ -308,3 +308,11 @@ def test_encode_conversation_equals_upstream(g, k, label_newline):
     assert any(target)
     gen_prompt = hf.apply_chat_template(upstream_msgs[:-1], tokenize=False, add_generation_prompt=True)
     assert tok.encode_conversation(msgs[:-1], n, add_generation_prompt=True)[0] == hf(gen_prompt).input_ids
+
+
+@needs_upstream
+def test_cli_encode_upstream(capsys):
+    assert cli(["encode", "--model", str(UPSTREAM / "minimind-3v"), "<think>红色"]) == 0
+    out = capsys.readouterr().out
+    n = len(load_tokenizer(UPSTREAM / "minimind-3v").encode("<think>红色"))
+    assert out.startswith(f"{n} tokens") and "    25  '<think>'" in out
