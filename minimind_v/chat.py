@@ -144,38 +144,6 @@ def grey_pixels(size: int) -> torch.Tensor:
     return preprocess(Image.new("RGB", (size, size), (128, 128, 128)), size)
 
 
-def picture_derangement(shown: list[list], seed: int = 0) -> list[list]:
-    """Each record's pictures -> another record's pictures, never its own.
-
-    Records are grouped by how many pictures they have (a record with two `<image>` needs two);
-    within a group the *distinct* picture lists are moved along one random cycle (Sattolo's
-    algorithm: a uniformly random cyclic permutation, which has no fixed point), so even records
-    that share a picture all get a different one. A group with a single distinct picture list
-    cannot be deranged and keeps it.
-    """
-    rng = random.Random(seed)
-    out = [list(s) for s in shown]
-    groups = defaultdict(list)                       # picture count -> distinct picture lists, first-seen order
-    for s in shown:
-        key = tuple(str(p) for p in s)
-        if s and key not in groups[len(s)]:
-            groups[len(s)].append(key)
-    moved = {}
-    for keys in groups.values():
-        cycle = list(range(len(keys)))
-        for i in range(len(cycle) - 1, 0, -1):       # Sattolo: j < i (Fisher-Yates would allow j == i)
-            j = rng.randrange(i)
-            cycle[i], cycle[j] = cycle[j], cycle[i]
-        for i, key in enumerate(keys):
-            moved[key] = keys[cycle[i]]
-    by_str = {tuple(str(p) for p in s): s for s in shown}
-    for k, s in enumerate(shown):
-        key = tuple(str(p) for p in s)
-        if s:
-            out[k] = list(by_str[moved[key]])
-    return out
-
-
 @torch.no_grad()
 def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None, batch_size: int = 64,
              max_new_tokens: int = 16, device="cpu", images: str = "real", seed: int = 0) -> dict:
