@@ -25,15 +25,14 @@ seeded by (seed, split, index); the folder is built beside its destination and r
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic_dir import atomic_folder
 
 GLYPHS = {"digits": list("12345678"), "letters": list("AEHKMRTX")}
 COLOURS = {"orange": (235, 120, 0), "teal": (0, 140, 140), "magenta": (200, 0, 160), "black": (20, 20, 20)}
@@ -153,13 +152,8 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
         raise ValueError(f"background must be light or dark, got {background!r}")
     if not 2 <= grid <= 8 or image_size < 8 * grid:
         raise ValueError(f"grid must be 2..8 with at least 8 px per cell, got grid {grid} at {image_size} px")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    try:
+    with atomic_folder(out_dir, overwrite) as tmp:
+        (tmp / "images").mkdir()
         for split, n in (("train", n_train), ("test", n_test)):
             with open(tmp / f"pretrain_{split}.jsonl", "w", encoding="utf-8") as fp, \
                  open(tmp / f"sft_{split}.jsonl", "w", encoding="utf-8") as fs:
@@ -172,15 +166,6 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
                 "grid": grid, "glyphs": glyphs, "background": background, "image_root": "images",
                 "answer_words": answer_words(glyphs, background)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .atomic_dir import atomic_folder
 
 # English name -> Chinese name (and RGB for colours)
 KINDS = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "diamond": "菱形"}
@@ -172,13 +172,8 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
     out_dir = Path(out_dir)
     if image_size % 3 != 0 or image_size < 12:
         raise ValueError(f"image_size must be a multiple of 3 and at least 12, got {image_size}")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    try:
+    with atomic_folder(out_dir, overwrite) as tmp:
+        (tmp / "images").mkdir()
         for split, n in (("train", n_train), ("test", n_test)):
             with open(tmp / f"pretrain_{split}.jsonl", "w", encoding="utf-8") as fp, \
                  open(tmp / f"sft_{split}.jsonl", "w", encoding="utf-8") as fs:
@@ -193,15 +188,6 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
                 "questions_per_image": questions_per_image, "image_root": "images",
                 "answer_words": answer_words()}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
