@@ -50,7 +50,7 @@ from . import safetensors_io
 from .torchscript_archive import ArchiveError, read_torchscript_archive
 from .config import VisionConfig
 from .siglip import SiglipWeightsError, build_siglip, infer_siglip_config, siglip_prefix, siglip_to_our_names
-from .vision import CLIPVisionTransformer
+from .vision import CLIPVisionTransformer, assign_weights
 
 FORMAT_TAG = "minimind_v.clip_vision/1"     # marks a file written by `convert-clip`
 
@@ -291,19 +291,7 @@ def build_model(sd: dict, cfg: VisionConfig, path, dtype=torch.float32,
     """Check every tensor's shape against the architecture, then assign the weights (no copy of init)."""
     with torch.device("meta"):
         model = CLIPVisionTransformer(cfg, with_projection="proj.weight" in sd, attn_impl=attn_impl)
-    expected = model.state_dict()
-    for key, ref in expected.items():
-        if key not in sd:
-            raise CLIPWeightsError(f"{path}: missing weight for {key}")
-        if tuple(sd[key].shape) != tuple(ref.shape):
-            raise CLIPWeightsError(f"{path}: {key} has shape {tuple(sd[key].shape)}, "
-                                   f"expected {tuple(ref.shape)} for {cfg}")
-    extra = sorted(set(sd) - set(expected))
-    if extra:
-        raise CLIPWeightsError(f"{path}: unexpected weight(s) {extra[:5]}")
-    weights = {k: sd[k].to(dtype).contiguous() for k in expected}
-    model.load_state_dict(weights, strict=True, assign=True)
-    return model.eval()
+    return assign_weights(model, sd, path, CLIPWeightsError, dtype)
 
 
 def load_clip_vision(path, dtype=torch.float32, num_heads: int | None = None,

@@ -43,7 +43,7 @@ from PIL import Image
 from torch import nn
 
 from .config import VisionConfig
-from .vision import VisionBlock, attention
+from .vision import VisionBlock, assign_weights, attention, patch_tokens
 
 
 class SiglipWeightsError(ValueError):
@@ -121,12 +121,7 @@ class SiglipVisionTransformer(nn.Module):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, C, S, S) -> token vectors (B, P, D) entering the first block."""
-        S = self.cfg.image_size
-        if pixels.dim() != 4 or pixels.shape[1:] != (self.cfg.num_channels, S, S):
-            raise ValueError(f"expected pixels of shape (B, {self.cfg.num_channels}, {S}, {S}), "
-                             f"got {tuple(pixels.shape)}")
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))   # (B, D, S/p, S/p)
-        x = x.flatten(2).transpose(1, 2)                                  # (B, P, D), row-major patches
+        x = patch_tokens(self.patch_embed, self.cfg, pixels)              # (B, P, D), row-major patches
         return x + self.position_embedding.to(x.dtype)
 
     def encode(self, pixels: torch.Tensor, need_weights: bool = False):
@@ -253,13 +248,7 @@ def build_siglip(sd: dict, cfg: VisionConfig, path, dtype=torch.float32,
     """Check every shape against the architecture, then assign the weights (eval mode)."""
     with torch.device("meta"):
         model = SiglipVisionTransformer(cfg, with_head="head.probe" in sd, attn_impl=attn_impl)
-    expected = model.state_dict()
-    for key, ref in expected.items():
-        if tuple(sd[key].shape) != tuple(ref.shape):
-            raise SiglipWeightsError(f"{path}: {key} has shape {tuple(sd[key].shape)}, "
-                                     f"expected {tuple(ref.shape)} for {cfg}")
-    model.load_state_dict({k: sd[k].to(dtype).contiguous() for k in expected}, strict=True, assign=True)
-    return model.eval()
+    return assign_weights(model, sd, path, SiglipWeightsError, dtype)
 
 
 # --------------------------------------------------------------------------------------------

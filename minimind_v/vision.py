@@ -133,6 +133,31 @@ class VisionBlock(nn.Module):
         return x, probs
 
 
+def patch_tokens(patch_embed: nn.Conv2d, cfg: VisionConfig, pixels: torch.Tensor) -> torch.Tensor:
+    """pixels (B, C, S, S) -> one vector per patch (B, P, D), row-major: the stride-p convolution."""
+    S = cfg.image_size
+    if pixels.dim() != 4 or pixels.shape[1:] != (cfg.num_channels, S, S):
+        raise ValueError(f"expected pixels of shape (B, {cfg.num_channels}, {S}, {S}), got {tuple(pixels.shape)}")
+    x = patch_embed(pixels.to(patch_embed.weight.dtype))                 # (B, D, S/p, S/p)
+    return x.flatten(2).transpose(1, 2)                                  # (B, P, D)
+
+
+def assign_weights(model: nn.Module, sd: dict, path, error, dtype=torch.float32) -> nn.Module:
+    """Check that `sd` has exactly `model`'s keys and shapes (else `error` naming `path` and the key),
+    then assign the tensors (no copy of an init); returns the model in eval mode."""
+    expected = model.state_dict()
+    for key, ref in expected.items():
+        if key not in sd:
+            raise error(f"{path}: missing weight for {key}")
+        if tuple(sd[key].shape) != tuple(ref.shape):
+            raise error(f"{path}: {key} has shape {tuple(sd[key].shape)}, expected {tuple(ref.shape)}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise error(f"{path}: unexpected weight(s) {extra[:5]}")
+    model.load_state_dict({k: sd[k].to(dtype).contiguous() for k in expected}, strict=True, assign=True)
+    return model.eval()
+
+
 class CLIPVisionTransformer(nn.Module):
     """CLIP's image tower. `forward(pixels)` -> (B, 1+P, D), the last block's output before ln_post.
 
@@ -159,12 +184,7 @@ class CLIPVisionTransformer(nn.Module):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, C, S, S) -> token vectors (B, 1+P, D) entering the first block (after ln_pre)."""
-        S = self.cfg.image_size
-        if pixels.dim() != 4 or pixels.shape[1:] != (self.cfg.num_channels, S, S):
-            raise ValueError(f"expected pixels of shape (B, {self.cfg.num_channels}, {S}, {S}), "
-                             f"got {tuple(pixels.shape)}")
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))   # (B, D, S/p, S/p)
-        x = x.flatten(2).transpose(1, 2)                                  # (B, P, D), row-major patches
+        x = patch_tokens(self.patch_embed, self.cfg, pixels)              # (B, P, D), row-major patches
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)                                    # (B, 1+P, D)
         x = x + self.position_embedding.to(x.dtype)                       # (B, 1+P, D)
