@@ -10,14 +10,12 @@ tokenized, SigLIP's preprocessing.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_run import run_cli
 from minimind_v.config import LMConfig, VisionConfig, VLMConfig
 from test_upstream_3v import source_model, upstream_file
 
@@ -25,11 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = ROOT.parent / "shared" / "upstream" / "minimind-3v"
 pytestmark = pytest.mark.skipif(not (UPSTREAM / "tokenizer.json").is_file(),
                                 reason="upstream's minimind-3v tokenizer (../shared/upstream/) is not here")
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minimind_v", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
 def config(use_moe: bool) -> VLMConfig:

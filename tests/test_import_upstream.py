@@ -9,14 +9,12 @@ its prompt: the template text with `<image>` replaced by '@' x 196, tokenized in
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_run import run_cli
 from minimind_v.checkpoint import upstream_name
 from minimind_v.config import LMConfig, VisionConfig, VLMConfig
 from minimind_v.vlm import MiniMindVLM
@@ -25,11 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = ROOT.parent / "shared" / "upstream" / "minimind2-v"
 pytestmark = pytest.mark.skipif(not (UPSTREAM / "tokenizer.json").is_file(),
                                 reason="upstream's tokenizer files (../shared/upstream/) are not here")
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minimind_v", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
 @pytest.fixture(scope="module")

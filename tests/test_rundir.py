@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_run import run_cli
 from minimind_v.rundir import CHECKPOINT, LOCK, METRICS, WEIGHTS, RunDirError, RunLock, read_metrics
 from minimind_v.train import TrainConfig, TrainingError, train
 from test_train import ToyTokens, collate, quiet, tiny_lm
@@ -161,11 +162,6 @@ def test_cli_kill_and_resume_with_the_feature_cache_equals_an_uninterrupted_run(
     assert cli(cli_args(root, data, tok, out, "--resume")) == 0
     split = [r["loss"] for r in read_metrics(out / METRICS)]
     assert len(full) == 18 and split == full
-
-
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "minimind_v", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=ROOT)
 
 
 def test_cli_errors_are_one_message_without_a_traceback(cli_data, tmp_path):
