@@ -192,7 +192,7 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
 
 
 def cli(argv: list[str]) -> int:
-    """`minimind-v data synth|scenes --out DIR [--train N] [--test N] [--seed S] [--image-size PX]`"""
+    """`minimind-v data synth|scenes|objects --out DIR [--train N] [--test N] [--seed S] [--image-size PX]`"""
     parser = argparse.ArgumentParser(prog="minimind-v data", description="generated datasets")
     sub = parser.add_subparsers(dest="action", required=True)
     s = sub.add_parser("synth", help="write the shapes dataset (images + pretrain/SFT JSONL, train/test)")
@@ -203,11 +203,14 @@ def cli(argv: list[str]) -> int:
     s.add_argument("--image-size", type=int, default=48, help="pixels (a multiple of 3)")
     s.add_argument("--questions-per-image", type=int, default=1)
     s.add_argument("--overwrite", action="store_true")
-    from . import scenes
+    from . import objects, scenes
     scenes.add_parser(sub)
+    objects.add_parser(sub)
     args = parser.parse_args(argv)
     if args.action == "scenes":
         return scenes.run(args)
+    if args.action == "objects":
+        return objects.run(args)
     out = make_dataset(args.out, args.train, args.test, args.seed, args.image_size,
                        args.questions_per_image, args.overwrite)
     print(f"wrote {args.train} + {args.test} pictures with captions and questions to {out}")

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minimind_v"
 FLOORS = {
     0: ["config", "atomic_dir"],
     1: ["rope", "ffn", "image", "splice", "kernel_build", "safetensors_io", "torchscript_archive",
-        "bpe", "templates", "lesson_progress", "scenes", "first_release",
+        "bpe", "templates", "lesson_progress", "scenes", "objects", "first_release",
         "options", "plots",
         "distributed", "features", "freeze"],
     2: ["ops", "hf_tokenizer", "vision", "moe", "synthetic"],
