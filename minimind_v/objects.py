@@ -17,15 +17,17 @@ Its pictures follow the idea of the public Sort-of-CLEVR benchmark:
     furthest  "What shape is the object furthest from the green one?"  -> a shape
     count     "How many objects have the same shape as the orange one?" (itself included) -> "1".."6"
     colourof  "What colour is the circle nearest the top?"            -> a colour
-  nothing ambiguous is asked: no object within 2 px of a midline for leftside/top, no two
-  distances within 2 px of each other for closest/furthest, no two such circles' heights either;
+  the qtype is drawn uniformly from those that can be asked unambiguously: an object within 2 px
+  of the midline is not asked about (leftside, top), nor one whose two nearest (or furthest)
+  others are within 2 px in distance (closest, furthest), nor a shape whose two highest copies
+  are within 2 px in height (colourof);
 - captions for a pretraining stage: "a red circle at the top left, a blue square near the
   centre, ..." (objects in reading order, positions by thirds of the picture).
 
 An object's position is the centre of its bounding box, integer pixels, so it can be read back
 from the picture. Determinism and atomic writing are as in `synthetic.py`: each picture from its
 own random stream seeded by (seed, split, index); the folder is built beside its destination
-and renamed.
+and renamed. The command line: `minimind-v data objects --out DIR [--train N] [--test N] ...`.
 
     out_dir/images/train_000000.png ... test_000000.png ...
     out_dir/pretrain_train.jsonl  pretrain_test.jsonl  sft_train.jsonl  sft_test.jsonl  meta.json
