@@ -1,6 +1,6 @@
 """Writing a whole folder atomically: build it beside its destination, then rename it into place.
 
-Where it sits: under the dataset generators (`synthetic.py`, `scenes.py`), whose output folder is
+Where it sits: under the dataset generators (`synthetic.py`, `scenes.py`, `objects.py`), whose output folder is
 either absent or complete, never half-written (a killed run leaves only a hidden temp folder,
 which the next run removes). `checkpoint.atomic_save` does the same for single files.
 """

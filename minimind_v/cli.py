@@ -23,7 +23,7 @@ COMMANDS = {
     "model-config": ("minimind_v.recipes", "cli_model_config", "write a small model config for a tokenizer and "
                                                               "an image size"),
     "tokenizer": ("minimind_v.tokenizer", "cli", "train or inspect a sentencepiece tokenizer"),
-    "data": ("minimind_v.synthetic", "cli", "generate a dataset: `data synth` (shapes), `data scenes` (glyphs, relations)"),
+    "data": ("minimind_v.synthetic", "cli", "generate a dataset: `data synth` (shapes), `data scenes` (glyphs, relations), `data objects` (free objects, relations)"),
     "import-upstream": ("minimind_v.upstream", "cli", "turn upstream MiniMind / MiniMind-V release files into a checkpoint directory"),
     "convert-clip": ("minimind_v.clip_weights", "cli", "convert CLIP vision weights (any format) to a plain state dict"),
     "lessons": ("minimind_v.lesson_progress", "cli", "your progress through lessons/ (`lessons check NN` grades one)"),

@@ -49,15 +49,23 @@ def apply_freeze(model: nn.Module, groups) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, vision_lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups: decay matrices (linear weights, embeddings); never norms' gains or biases.
 
     Decaying a norm gain pulls it towards 0, which shrinks the whole layer's output; the usual
     rule (GPT-2, Llama) is to decay only tensors with 2 or more dimensions.
+    Each group carries an `lr_scale` (the step's lr is multiplied by it): a vision encoder that
+    learns beside a fresh LM usually needs a smaller lr than the LM (`vision_lr_scale`), or its
+    patch vectors drift until every picture looks alike. Without it there are two groups.
     """
-    decay, no_decay = [], []
+    vision = {id(p) for p in model_parts(model)["vision"].parameters()} if (
+        vision_lr_scale != 1.0 and "vision" in model_parts(model)) else set()
+    groups = {}
     for _, p in model.named_parameters():          # a tied matrix appears once
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            key = (p.dim() >= 2, id(p) in vision)
+            groups.setdefault(key, []).append(p)
+    order = [(True, False), (False, False), (True, True), (False, True)]
+    return [{"params": groups.get(k, []), "weight_decay": weight_decay if k[0] else 0.0,
+             "lr_scale": vision_lr_scale if k[1] else 1.0}
+            for k in order if k in groups or not k[1]]

@@ -74,6 +74,7 @@ class TrainConfig:
     max_length: int | None = opt(None, "tokens per sample; longer ones are cut (default: the stage's)")
     accum_steps: int = opt(1, "micro-batches per optimizer step")
     weight_decay: float = opt(0.01, "AdamW weight decay, on matrices only")
+    vision_lr_scale: float = opt(1.0, "the vision encoder's lr is the peak lr times this (when it trains)")
     betas: tuple = opt((0.9, 0.95), "AdamW betas, e.g. 0.9,0.95")
     warmup_steps: int = opt(0, "linear warmup steps before the cosine")
     min_lr_ratio: float = opt(0.1, "the cosine ends at this fraction of the peak lr")
@@ -115,6 +116,7 @@ class TrainConfig:
         checks = {"lr": (self.lr > 0 and math.isfinite(self.lr), "a finite number > 0"),
                   "weight_decay": (0 <= self.weight_decay < math.inf, "a finite number >= 0"),
                   "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "between 0 and 1"),
+                  "vision_lr_scale": (0 < self.vision_lr_scale < math.inf, "a finite number > 0"),
                   "grad_clip": (0 <= self.grad_clip < math.inf, "a finite number >= 0 (0: no clipping)"),
                   "betas": (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)")}
         for key, (ok, expected) in checks.items():
@@ -186,7 +188,7 @@ def optimizer_step(optimizer, scaler, params, lr: float, grad_clip: float, diver
     if scaler is None and not torch.isfinite(grad_norm):
         raise TrainingError(diverged(grad_norm))
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -263,7 +265,7 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
 
     # -- optimizer, precision
     # fused: one kernel updates every tensor of a group (the same rule as the for-loop AdamW)
-    optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas,
+    optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay, tcfg.vision_lr_scale), lr=tcfg.lr, betas=tcfg.betas,
                                   fused=True)
     scaler = torch.amp.GradScaler("cuda") if tcfg.dtype == "fp16" else None
     train_model = model

@@ -341,3 +341,28 @@ def test_initialise_from_lm_weights_upstream_files_and_a_previous_stage(vlm_data
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="foo.weight"):
         initialise(tiny_vlm(tok), str(tmp_path / "bad.pt"), log=quiet)
+
+
+def test_vision_lr_scale_scales_only_the_encoders_steps(vlm_data, tmp_path):
+    """One AdamW step is linear in the lr: the encoder moves `scale` times as far, the rest the same."""
+    from minimind_v.data import collate
+
+    tok, sets = vlm_data
+    moved = {}
+    for scale in (1.0, 0.1):
+        model = tiny_vlm(tok)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train(model, sets["sft"], collate,
+              TrainConfig(stage="sft", max_steps=1, lr=1e-2, batch_size=8, weight_decay=0.0, grad_clip=0.0,
+                          trainable=("lm", "projector", "vision"), vision_lr_scale=scale),
+              tmp_path / str(scale), log=quiet)
+        moved[scale] = {k: model.state_dict()[k] - before[k] for k in before}
+    vision = [k for k in moved[1.0] if k.startswith("vision_encoder.") and moved[1.0][k].abs().max() > 0]
+    rest = [k for k in moved[1.0] if not k.startswith("vision_encoder.")]
+    assert len(vision) >= 4 and len(rest) >= 4
+    for k in vision:
+        torch.testing.assert_close(moved[0.1][k], 0.1 * moved[1.0][k], rtol=1e-4, atol=1e-6)   # atol: float32 rounding of the weights
+    for k in rest:
+        assert torch.equal(moved[0.1][k], moved[1.0][k]), k
+    with pytest.raises(ValueError, match="vision_lr_scale"):
+        TrainConfig(stage="sft", vision_lr_scale=0.0)
