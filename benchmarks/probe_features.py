@@ -1,0 +1,114 @@
+"""What a frozen random ViT's patch vectors carry: fit small probes on them, score held-out pictures.
+
+Not a speed benchmark: it answers "is the picture information there before the LM sees it?" for
+the generated datasets, using the generator's own geometry as labels (README, "Training on your
+own data"). The encoder is built as `train --recipe from-scratch-small` builds it (seeded, the
+position embeddings scaled by --pos-scale).
+
+    python benchmarks/probe_features.py --kind scenes --data S --model-config S/cfg.json
+    python benchmarks/probe_features.py --kind objects --data O --model-config O/cfg.json
+
+scenes: which glyph (1 of 8) sits in a patch, from that patch's vector (patches holding one);
+objects: "is the red object on the left" and "what shape is the red object", from all 25 vectors.
+Each probe: linear, and one hidden layer of 256; Adam, 1500 steps of 256; first N-1000 pictures
+fit, the last 1000 score.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from minimind_v.chat import load_pixels
+from minimind_v.config import VLMConfig
+from minimind_v.recipes import ModelInit, apply_init
+from minimind_v.vlm import MiniMindVLM
+
+
+def patch_vectors(model, paths, size: int, n_patches: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = [model.vision_encoder(load_pixels(paths[i:i + 200], size))[:, -n_patches:]   # no CLS
+               for i in range(0, len(paths), 200)]
+    return torch.cat(out)                                                 # (N, P, Dv)
+
+
+def probe(x: torch.Tensor, y: torch.Tensor, classes: int, hidden: int, n_fit: int) -> tuple[float, float]:
+    """(fit accuracy, held-out accuracy) of a probe x (N, D) -> y (N,)."""
+    torch.manual_seed(0)
+    mean, std = x[:n_fit].mean(0), x[:n_fit].std(0) + 1e-6
+    x = (x - mean) / std
+    net = (torch.nn.Linear(x.shape[1], classes) if not hidden else
+           torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, classes)))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(1500):
+        idx = torch.randint(n_fit, (256,))
+        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = net(x).argmax(-1)
+    return (pred[:n_fit] == y[:n_fit]).float().mean().item(), (pred[n_fit:] == y[n_fit:]).float().mean().item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kind", choices=("scenes", "objects"), required=True)
+    p.add_argument("--data", required=True, help="the generated folder")
+    p.add_argument("--model-config", required=True)
+    p.add_argument("--pictures", type=int, default=6000)
+    p.add_argument("--pos-scale", type=float, default=10.0)
+    p.add_argument("--vision-hidden", type=int, help="override the ViT width (heads = width / 32)")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = json.loads(Path(a.model_config).read_text())
+    if a.vision_hidden:
+        w = a.vision_hidden
+        cfg["vision"].update(hidden_size=w, intermediate_size=4 * w, num_heads=max(2, w // 32))
+    cfg = VLMConfig(**cfg)
+    torch.manual_seed(0)
+    model = MiniMindVLM(cfg)
+    apply_init(model, ModelInit(pos_scale=a.pos_scale, embed_std=0.1), log=lambda m: None)
+    data, n, n_fit = Path(a.data), a.pictures, a.pictures - 1000
+    paths = [str(data / "images" / f"train_{i:06d}.png") for i in range(n)]
+    feats = patch_vectors(model, paths, cfg.vision.image_size, cfg.num_patches)
+    probes = {}
+    if a.kind == "scenes":                            # labels from the captions: "a teal 2 at row 2, column 4"
+        grid = round(cfg.num_patches ** 0.5)
+        lines = (data / "pretrain_train.jsonl").read_text().splitlines()[:n]
+        glyph = torch.zeros(n, cfg.num_patches, dtype=torch.long)
+        for i, line in enumerate(lines):
+            text = json.loads(line)["conversations"][1]["content"]
+            for ch, r, c in re.findall(r"(\w) at row (\d), column (\d)", text):
+                glyph[i, (int(r) - 1) * grid + int(c) - 1] = 1 + "12345678AEHKMRTX".index(ch) % 8
+        held = glyph > 0
+        fit_rows = held[:n_fit].sum().item()
+        x, y = feats[held], glyph[held] - 1
+        probes["which glyph is in this patch"] = (x, y, 8, fit_rows)
+    else:
+        from minimind_v import objects
+        meta = json.loads((data / "meta.json").read_text())           # the geometry is the generator's
+        size = meta["image_size"]
+        left, shape = [], []
+        for i in range(n):
+            rng = random.Random(f"objects/{meta['seed']}/train/{i}")
+            things = objects.random_objects(rng, size, meta["n_objects"])
+            red = next(t for t in things if t.colour == "red")
+            left.append(int(red.x < size / 2))
+            shape.append(objects.SHAPES.index(red.shape))
+        flat = feats.flatten(1)
+        probes["is the red object on the left"] = (flat, torch.tensor(left), 2, n_fit)
+        probes["what shape is the red object"] = (flat, torch.tensor(shape), 3, n_fit)
+    print(f"{a.kind}: {n} pictures ({n_fit} fit), ViT {cfg.vision.hidden_size} wide, positions x{a.pos_scale:g}")
+    for name, (x, y, k, fit) in probes.items():
+        for hidden in (0, 256):
+            tr, te = probe(x, y, k, hidden, fit)
+            print(f"  {name:32s} {'linear' if not hidden else 'hidden 256':>10}: fit {tr:.1%}  held out {te:.1%}")
+
+
+if __name__ == "__main__":
+    main()
