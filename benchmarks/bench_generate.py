@@ -4,10 +4,12 @@ The real-size model (random weights), a 512-token prompt, 256 new tokens, greedy
 cache, each step runs one token through the model and reads the cached keys/values; without
 it (`generate_without_cache`), step n runs all 512+n tokens again. Both must produce the
 same tokens (checked). Also prints transformers' LlamaForCausalLM.generate (its own cache)
-with the same weights as a peer.
+with the same weights as a peer, and ours with `compile=True` (static KV cache, torch.compile'd
+decode step; its one-time compile is timed and printed apart, not counted in its runs).
 
     python benchmarks/bench_generate.py --device cuda      # the full no-cache baseline
     python benchmarks/bench_generate.py --nocache-stride 16   # CPU: a few minutes
+    python benchmarks/bench_generate.py --threads 1 --nocache-stride 256 --repeats 3   # CPU, quick
 
 On a CPU the no-cache baseline alone takes many minutes (256 forwards of 512-767 tokens).
 `--nocache-stride s` times only the forwards of steps 0, s, 2s, ... (step n = one forward over
@@ -50,6 +52,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled contestant")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,10 +77,21 @@ def main():
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=device)
 
     generate(model, prompt[:, :16], 4)                                      # warmup
-    cached = []
-    for _ in range(args.repeats):
+    if not args.no_compile:      # the same static length as the timed runs: compiles the step they use
+        t, _ = timed(lambda: generate(model, prompt, 2, compile=True), device)
+        print(f"compile=True warm-up (compiling the decode step): {t:.1f} s")
+    cached, compiled, hf_times = [], [], []
+    for _ in range(args.repeats):           # round-robin, so a change in machine load hits all alike
         t, out = timed(lambda: generate(model, prompt, args.new), device)
         cached.append(t)
+        if not args.no_compile:
+            t, cout = timed(lambda: generate(model, prompt, args.new, compile=True), device)
+            compiled.append(t)
+        if hf is not None:
+            with torch.no_grad():
+                t, hout = timed(lambda: hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
+                                                    do_sample=False, pad_token_id=0), device)
+            hf_times.append(t)
     nocache = []
     if args.nocache_stride == 1:
         for _ in range(args.nocache_repeats):
@@ -97,13 +111,10 @@ def main():
         print(f"no-cache time estimated from every {args.nocache_stride}th step; "
               f"tokens checked on the first {args.check} steps")
     rows = [("ours, KV cache", cached), ("ours, no cache", nocache)]
+    if compiled:
+        rows.insert(1, ("ours, compiled", compiled))
+        print(f"compiled tokens == eager cached tokens: {torch.equal(cout, out)}")
     if hf is not None:
-        hf_times = []
-        with torch.no_grad():
-            for _ in range(args.repeats):
-                t, hout = timed(lambda: hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
-                                                    do_sample=False, pad_token_id=0), device)
-                hf_times.append(t)
         rows.append(("hf generate", hf_times))
         print(f"hf tokens equal ours: {torch.equal(hout, out)}")
     print(f"cached tokens == no-cache tokens: {same}")
@@ -113,6 +124,10 @@ def main():
         med = statistics.median(ts)
         print(f"{name:<16} {med:8.2f} {args.new / med:10.1f} {med / base:13.2f}x   " + " ".join(f"{t:.2f}" for t in ts))
     print(f"speedup of the KV cache: {statistics.median(nocache) / base:.1f}x")
+    if hf is not None:
+        peer = statistics.median(hf_times)
+        for name, ts in rows[:2] if compiled else rows[:1]:
+            print(f"hf generate / {name}: {peer / statistics.median(ts):.2f}x")
 
 
 if __name__ == "__main__":
