@@ -6,8 +6,11 @@ RoPE, the cache write, the softmax, the residual adds), each a separate kernel l
 Python. On a CPU those small ops cost about half as much as the products themselves. A compiler
 can fuse them into a few C++ loops, but only if every step is the same graph with the same shapes:
 
-- `StaticKVCache`: keys/values of every layer in buffers of a fixed length S (B, S, H_kv, hd),
-  allocated once; step t writes position t in place (`index_copy_`, no `torch.cat`, no growth).
+- `StaticKVCache`: keys/values of every layer in buffers of a fixed length S, allocated once;
+  step t writes position t in place (`index_copy_`, no `torch.cat`, no growth). The buffers are
+  head-major (B, H_kv, S, hd), so each head's keys are one contiguous (S, hd) matrix that the
+  attention products read as they are (token-major (B, S, H_kv, hd), as the eager `KVCache`
+  stores them, would make every step copy the whole cache into that shape first).
 - `decode_step`: one token (B, 1) at position `pos` (a (1,) tensor, not a Python int, so the
   step does not change between tokens) attends over all S slots; the slots not yet written
   (>= pos + 1) and padded prompt positions are masked out. The masked slots add exactly zero
@@ -31,7 +34,7 @@ SLOT_BLOCK = 256   # the static length S is a multiple of this (fewer distinct c
 
 
 class StaticKVCache:
-    """Keys and values (B, S, H_kv, hd) per layer in fixed buffers, plus which slots may be read.
+    """Keys and values (B, H_kv, S, hd) per layer in fixed buffers, plus which slots may be read.
 
     `key_ok` (B, S) bool: slot j holds a real token (False on left pads of the prompt). After
     `fill`, the prompt occupies slots 0..T-1; decode step writes slot `pos`.
@@ -39,7 +42,7 @@ class StaticKVCache:
 
     def __init__(self, num_layers: int, batch: int, slots: int, n_kv: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device=None):
-        shape = (batch, slots, n_kv, head_dim)
+        shape = (batch, n_kv, slots, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.key_ok = torch.ones(batch, slots, dtype=torch.bool, device=device)
@@ -49,8 +52,8 @@ class StaticKVCache:
         """Copy an eager cache of T prompt positions into slots 0..T-1; attention_mask (B, T) 0 = pad."""
         T = cache.length
         for layer, (k, v) in enumerate(zip(cache.keys, cache.values)):
-            self.keys[layer][:, :T] = k[:, :T]
-            self.values[layer][:, :T] = v[:, :T]
+            self.keys[layer][:, :, :T] = k[:, :T].transpose(1, 2)       # (B, H_kv, T, hd)
+            self.values[layer][:, :, :T] = v[:, :T].transpose(1, 2)
         if attention_mask is not None:
             self.key_ok[:, :T] = attention_mask.bool()
 
@@ -70,9 +73,10 @@ def decode_step(lm, ids: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) 
     for layer, block in enumerate(lm.layers):
         attn = block.attn
         q, k, v = attn.project(block.attn_norm(h), cos, sin)            # (B, 1, H, hd), (B, 1, H_kv, hd)
-        keys = cache.keys[layer].index_copy_(1, pos, k)                 # (B, S, H_kv, hd), in place
-        values = cache.values[layer].index_copy_(1, pos, v)
-        out = attend_grouped(q, keys, values, mask)                     # (B, 1, H, hd)
+        keys = cache.keys[layer].index_copy_(2, pos, k.transpose(1, 2))     # (B, H_kv, S, hd), in place
+        values = cache.values[layer].index_copy_(2, pos, v.transpose(1, 2))
+        # attend_grouped takes token-major views (B, S, H_kv, hd) and turns them back: no copy
+        out = attend_grouped(q, keys.transpose(1, 2), values.transpose(1, 2), mask)   # (B, 1, H, hd)
         h = h + attn.o_proj(out.reshape(B, 1, -1))
         h = h + block.ffn(block.ffn_norm(h))
     return lm.lm_head(lm.norm(h[:, -1]))                                # (B, V)
@@ -90,7 +94,9 @@ def compiled_step(fullgraph: bool = True):
     splits the graph around that loop.
     """
     if fullgraph not in _COMPILED:
-        _COMPILED[fullgraph] = torch.compile(decode_step, fullgraph=fullgraph, dynamic=False)
+        # cpp_wrapper: the ~150 kernel calls of a step are made from generated C++, not Python
+        _COMPILED[fullgraph] = torch.compile(decode_step, fullgraph=fullgraph, dynamic=False,
+                                             options={"cpp_wrapper": True})
     return _COMPILED[fullgraph]
 
 
