@@ -23,6 +23,10 @@ multiple of `SLOT_BLOCK`, so prompts of similar lengths reuse one compiled step.
 
     step = compiled_step()              # the first call for a model compiles (seconds)
     logits = step(lm, ids, pos, cache)  # ids (B, 1), pos (1,) -> logits (B, V)
+
+One compiled step serves every model of the same structure (the weights are inputs, not constants);
+a new structure, batch size or static length compiles again; past torch's limit (8 per function)
+the step runs eagerly: the same result, without the speed-up.
 """
 from __future__ import annotations
 

@@ -101,3 +101,24 @@ def test_compiled_greedy_equals_eager_and_transformers():
     assert torch.equal(generate(model, ids, 20, attention_mask=mask, compile=True),
                        generate(model, ids, 20, attention_mask=mask))
 
+
+
+@needs_inductor
+def test_compiled_decoding_of_a_vlm_after_an_image_prefill():
+    """The images enter at prefill (eager); the compiled steps continue from the copied cache."""
+    from minimind_v.config import VisionConfig, VLMConfig
+    from minimind_v.vlm import MiniMindVLM
+    pad, patches = 5, 4
+    cfg = VLMConfig(lm=LMConfig(**TINY), image_pad_id=pad, num_patches=patches,
+                    vision=VisionConfig(image_size=32, patch_size=16, hidden_size=64, num_layers=1, num_heads=4,
+                                        intermediate_size=128, projection_dim=64))
+    torch.manual_seed(0)
+    model = MiniMindVLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    ids = torch.tensor([[1, 2] + [pad] * patches + [3, 4, 6], [8] + [pad] * patches + [9, 10, 11, 12]])
+    pixels = torch.randn(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    eager = generate(model, ids, 15, images=pixels)
+    assert torch.equal(generate(model, ids, 15, images=pixels, compile=True), eager)
+    assert not torch.equal(generate(model, ids, 15), eager)          # the images matter
