@@ -8,9 +8,9 @@ can fuse them into a few C++ loops, but only if every step is the same graph wit
 
 - `StaticKVCache`: keys/values of every layer in buffers of a fixed length S, allocated once;
   step t writes position t in place (`index_copy_`, no `torch.cat`, no growth). The buffers are
-  head-major (B, H_kv, S, hd), so each head's keys are one contiguous (S, hd) matrix that the
-  attention products read as they are (token-major (B, S, H_kv, hd), as the eager `KVCache`
-  stores them, would make every step copy the whole cache into that shape first).
+  head-major (B, H_kv, S, hd): each head's keys are one contiguous (S, hd) matrix, the operand
+  of the attention products as it is, for any batch size (at B = 1 the eager cache's token-major
+  (B, S, H_kv, hd) measured the same).
 - `decode_step`: one token (B, 1) at position `pos` (a (1,) tensor, not a Python int, so the
   step does not change between tokens) attends over all S slots; the slots not yet written
   (>= pos + 1) and padded prompt positions are masked out. The masked slots add exactly zero
