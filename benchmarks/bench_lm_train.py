@@ -8,6 +8,8 @@ under bf16 autocast. Contestants:
     ours/chunkce  the default model with chunked_lm_loss (the head's loss chunk by chunk, no logits)
     ours/fast     both: norm_impl="fused" + chunked_lm_loss
     ours/compiled torch.compile(ours/fast's model) (with --compile; its compile time is not timed)
+    ours/compiled-plain  torch.compile(fullgraph) of ours/manual's forward + loss, lm_loss(model(ids), ids)
+                  (with --compile, or by name in --contestants; the first step, compiling, is not timed)
     ours/sdpa     attn_impl="sdpa" (F.scaled_dot_product_attention), plain API
     hf/sdpa       LlamaForCausalLM, transformers' default attention
     hf/eager      LlamaForCausalLM, attn_implementation="eager" (its hand-written path)
@@ -62,9 +64,11 @@ def make_optimizer(params, kind: str):
 
 
 def make_step(model, kind: str, ids, dtype, device, adamw: str):
-    """kind: "hf" (model(input_ids, labels).loss), "plain" (lm_loss(model(ids))), "chunked"."""
+    """kind: "hf" (model(input_ids, labels).loss), "plain" (lm_loss(model(ids))), "chunked",
+    "compiled-plain" (the plain forward + loss through torch.compile, one graph)."""
     opt = make_optimizer(model.parameters(), adamw)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    compiled = torch.compile(lambda x: lm_loss(model(x), x), fullgraph=True) if kind == "compiled-plain" else None
 
     def step():
         with autocast:
@@ -72,6 +76,8 @@ def make_step(model, kind: str, ids, dtype, device, adamw: str):
                 loss = model(input_ids=ids, labels=ids).loss
             elif kind == "chunked":
                 loss = chunked_lm_loss(model, ids, ids)
+            elif compiled is not None:
+                loss = compiled(ids)
             else:
                 loss = lm_loss(model(ids), ids)
         loss.backward()
@@ -142,12 +148,13 @@ def main():
         state = {k: v.clone() for k, v in ref.state_dict().items()}
         wanted = set(args.contestants.split(",")) | {"hf/sdpa"}
         if args.compile:
-            wanted.add("ours/compiled")
+            wanted |= {"ours/compiled", "ours/compiled-plain"}
         if args.upstream_repo:
             wanted.add("upstream")
         ours = {"ours/manual": ("manual", "eager", "plain"), "ours/fnorm": ("manual", "fused", "plain"),
                 "ours/chunkce": ("manual", "eager", "chunked"), "ours/fast": ("manual", "fused", "chunked"),
-                "ours/compiled": ("manual", "fused", "chunked"), "ours/sdpa": ("sdpa", "eager", "plain")}
+                "ours/compiled": ("manual", "fused", "chunked"), "ours/sdpa": ("sdpa", "eager", "plain"),
+                "ours/compiled-plain": ("manual", "eager", "compiled-plain")}
         contestants = {}
         for name, (impl, norm, loss) in ours.items():
             if name in wanted:
@@ -186,12 +193,12 @@ def main():
                                                           "targets": tokens}, ("lm",), cached=True)
         print(f"\n[{dtype}] {flops / 1e9:.1f} GFLOP/step; AdamW {args.adamw}; first-step loss: " + ", ".join(f"{n} {l:.5f}" for n, l in losses.items()))
         # speed ratio vs hf/sdpa within each round (same load), then the median over rounds
-        print(f"{'contestant':<12} {'s/step':>8} {'tokens/s':>10} {'vs hf/sdpa':>11}   (per-round ratios; blocks in s)")
+        print(f"{'contestant':<19} {'s/step':>8} {'tokens/s':>10} {'vs hf/sdpa':>11}   (per-round ratios; blocks in s)")
         for name, ts in times.items():
             med = statistics.median(ts)
             ratios = [b / t for b, t in zip(base, ts)]
             mfu = f"  MFU {flops / med / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
-            print(f"{name:<12} {med:8.3f} {tokens / med:10.0f} {statistics.median(ratios):10.2f}x{mfu}   "
+            print(f"{name:<19} {med:8.3f} {tokens / med:10.0f} {statistics.median(ratios):10.2f}x{mfu}   "
                   + " ".join(f"{r:.2f}" for r in ratios) + " ; " + " ".join(f"{t:.2f}" for t in ts), flush=True)
         del contestants
 

@@ -276,11 +276,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.record: list | None = None     # set by `capture_attention` only
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, D); cos/sin (T, hd) for these tokens' positions; mask bool (B or 1, 1, T, S)
-        from `build_mask` (built once per forward by the model, shared by all layers), or None
-        for the plain causal mask (no padding)."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, T, D) -> q (B, T, H, hd), k, v (B, T, H_kv, hd), q and k rotated to their positions."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd)    # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd)       # (B, T, H_kv, hd)
@@ -288,6 +285,15 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)                # per head, over hd
         q, k = apply_rope(q, k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, D); cos/sin (T, hd) for these tokens' positions; mask bool (B or 1, 1, T, S)
+        from `build_mask` (built once per forward by the model, shared by all layers), or None
+        for the plain causal mask (no padding)."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)        # (B, S, H_kv, hd), S = past + T
         if self.record is not None:                                 # opt-in inspection, see capture_attention

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from .attention import KVCache
+from .static_decode import StaticKVCache, compiled_step, static_slots
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -70,11 +71,14 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor, temperature: float = 0.
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
            eos_id: int | None = None, images: torch.Tensor | None = None,
-           attention_mask: torch.Tensor | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:
+           attention_mask: torch.Tensor | None = None, seed: int | None = None,
+           compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) step by step; stops after max_new_tokens or when every row hit eos_id.
 
     input_ids (B, T). Prompts of different lengths: left-pad them and pass attention_mask (B, T)
     with 0 on the pads. Rows that already produced eos_id keep yielding eos_id.
+    compile=True: decode steps run `static_decode.decode_step` through torch.compile on a static
+    cache (the same tokens; the first call for a model or length compiles, which takes seconds).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -95,6 +99,14 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
     last = torch.zeros_like(input_ids, dtype=torch.bool)
     last[:, -1] = True
     logits = model(input_ids, kv_cache=cache, logits_at=last, **extra)       # prefill: (B, V)
+    if compile:
+        lm = getattr(model, "lm", model)                                   # a VLM decodes with its LM
+        cfg = lm.cfg
+        static = StaticKVCache(cfg.num_layers, input_ids.shape[0],
+                               static_slots(input_ids.shape[1], max_new_tokens, cfg.max_seq_len),
+                               cfg.num_kv_heads, cfg.head_dim, cache.keys[0].dtype, input_ids.device)
+        static.fill(cache, attention_mask)
+        step_fn, pos = compiled_step(fullgraph=not cfg.use_moe), input_ids.shape[1]
     seen = input_ids
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     try:
@@ -107,6 +119,10 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
             if eos_id is not None and bool(done.all()):
                 return
             seen = torch.cat([seen, ids[:, None]], dim=1)
+            if compile:
+                position = torch.tensor([pos], device=ids.device)
+                logits, pos = step_fn(lm, ids[:, None], position, static), pos + 1   # (B, V)
+                continue
             step = {}
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(ids), 1)], dim=1)
@@ -119,10 +135,11 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_id: int | None = None, images: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
-    """The prompt followed by the generated ids: (B, T + n), n <= max_new_tokens."""
+             attention_mask: torch.Tensor | None = None, seed: int | None = None,
+             compile: bool = False) -> torch.Tensor:
+    """The prompt followed by the generated ids: (B, T + n), n <= max_new_tokens (`stream`'s options)."""
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                      repetition_penalty, eos_id, images, attention_mask, seed))
+                      repetition_penalty, eos_id, images, attention_mask, seed, compile))
     if not new:
         return input_ids
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)

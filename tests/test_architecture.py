@@ -24,7 +24,7 @@ FLOORS = {
     2: ["ops", "hf_tokenizer", "vision", "moe", "synthetic"],
     3: ["norm", "siglip", "tokenizer"],
     4: ["attention", "clip_weights", "recipes"],
-    5: ["lm"],
+    5: ["lm", "static_decode"],
     6: ["vlm", "generate", "data"],
     7: ["checkpoint"],
     8: ["rundir"],
