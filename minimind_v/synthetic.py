@@ -1,4 +1,4 @@
-"""A generated dataset of coloured shapes, in the seed's JSONL + image-folder format.
+"""A generated dataset of coloured shapes, in upstream MiniMind-V's JSONL + image-folder format.
 
 Where it sits: before `data.py`. The demo trains a small VLM on it in minutes on a CPU, so it
 has to be learnable, unambiguous and checkable:
@@ -10,7 +10,7 @@ has to be learnable, unambiguous and checkable:
   one question about it (count, colour, kind, position, what is where), in English or Chinese;
 - every question has exactly one right short answer, checked by exact match: a colour or a kind
   is asked about only where it is unique in the picture;
-- `<image>` comes after the question, as in the seed's records (with a causal mask the image
+- `<image>` comes after the question, as in upstream MiniMind-V's records (with a causal mask the image
   tokens then see the question).
 
 Every picture is drawn from its own random stream seeded by (seed, split, index), so the same
