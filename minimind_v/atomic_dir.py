@@ -7,6 +7,7 @@ which the next run removes). `checkpoint.atomic_save` does the same for single f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -36,3 +37,24 @@ def atomic_folder(out_dir, overwrite: bool = False):
             os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_dataset(out_dir, splits: dict, sample, meta: dict, overwrite: bool = False) -> Path:
+    """The generators' shared layout, written atomically: images/, pretrain_/sft_{split}.jsonl, meta.json.
+
+    `splits` maps a split name to its number of pictures; `sample(split, i)` returns
+    (image, caption records, question records) of picture i, whose file name is the first
+    caption's "image".
+    """
+    with atomic_folder(out_dir, overwrite) as tmp:
+        (tmp / "images").mkdir()
+        for split, n in splits.items():
+            with open(tmp / f"pretrain_{split}.jsonl", "w", encoding="utf-8") as fp, \
+                 open(tmp / f"sft_{split}.jsonl", "w", encoding="utf-8") as fs:
+                for i in range(n):
+                    image, captions, asked = sample(split, i)
+                    image.save(tmp / "images" / captions[0]["image"], compress_level=1)
+                    fp.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in captions)
+                    fs.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in asked)
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+    return Path(out_dir)

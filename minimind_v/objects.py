@@ -34,7 +34,6 @@ and renamed. The command line: `minimind-v data objects --out DIR [--train N] [-
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .atomic_dir import atomic_folder
+from .atomic_dir import write_dataset
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 80, 220),
            "orange": (245, 145, 20), "purple": (140, 60, 190), "yellow": (235, 215, 30)}
@@ -192,21 +191,14 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
         raise ValueError(f"image_size must be 45..512 px (objects of at least 7 px), got {image_size}")
     if n_train < 0 or n_test < 0:
         raise ValueError(f"the numbers of pictures must be >= 0, got train {n_train}, test {n_test}")
-    with atomic_folder(out_dir, overwrite) as tmp:
-        (tmp / "images").mkdir()
-        for split, n in (("train", n_train), ("test", n_test)):
-            with open(tmp / f"pretrain_{split}.jsonl", "w", encoding="utf-8") as fp, \
-                 open(tmp / f"sft_{split}.jsonl", "w", encoding="utf-8") as fs:
-                for i in range(n):
-                    image, cap, question = make_sample(seed, split, i, image_size, n_objects)
-                    image.save(tmp / "images" / cap["image"], compress_level=1)
-                    fp.write(json.dumps(cap) + "\n")
-                    fs.write(json.dumps(question) + "\n")
-        meta = {"generator": "objects", "seed": seed, "n_train": n_train, "n_test": n_test,
-                "image_size": image_size, "n_objects": n_objects, "image_root": "images",
-                "answer_words": answer_words()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    return out_dir
+    meta = {"generator": "objects", "seed": seed, "n_train": n_train, "n_test": n_test,
+            "image_size": image_size, "n_objects": n_objects, "image_root": "images",
+            "answer_words": answer_words()}
+
+    def sample(split, i):
+        image, cap, question = make_sample(seed, split, i, image_size, n_objects)
+        return image, [cap], [question]
+    return write_dataset(out_dir, {"train": n_train, "test": n_test}, sample, meta, overwrite)
 
 
 def add_parser(sub) -> None:

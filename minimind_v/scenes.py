@@ -25,14 +25,13 @@ seeded by (seed, split, index); the folder is built beside its destination and r
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic_dir import atomic_folder
+from .atomic_dir import write_dataset
 
 GLYPHS = {"digits": list("12345678"), "letters": list("AEHKMRTX")}
 COLOURS = {"orange": (235, 120, 0), "teal": (0, 140, 140), "magenta": (200, 0, 160), "black": (20, 20, 20)}
@@ -152,21 +151,14 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
         raise ValueError(f"background must be light or dark, got {background!r}")
     if not 2 <= grid <= 8 or image_size < 8 * grid:
         raise ValueError(f"grid must be 2..8 with at least 8 px per cell, got grid {grid} at {image_size} px")
-    with atomic_folder(out_dir, overwrite) as tmp:
-        (tmp / "images").mkdir()
-        for split, n in (("train", n_train), ("test", n_test)):
-            with open(tmp / f"pretrain_{split}.jsonl", "w", encoding="utf-8") as fp, \
-                 open(tmp / f"sft_{split}.jsonl", "w", encoding="utf-8") as fs:
-                for i in range(n):
-                    image, cap, question = make_sample(seed, split, i, image_size, grid, glyphs, background)
-                    image.save(tmp / "images" / cap["image"], compress_level=1)
-                    fp.write(json.dumps(cap) + "\n")
-                    fs.write(json.dumps(question) + "\n")
-        meta = {"generator": "scenes", "seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
-                "grid": grid, "glyphs": glyphs, "background": background, "image_root": "images",
-                "answer_words": answer_words(glyphs, background)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    return out_dir
+    meta = {"generator": "scenes", "seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
+            "grid": grid, "glyphs": glyphs, "background": background, "image_root": "images",
+            "answer_words": answer_words(glyphs, background)}
+
+    def sample(split, i):
+        image, cap, question = make_sample(seed, split, i, image_size, grid, glyphs, background)
+        return image, [cap], [question]
+    return write_dataset(out_dir, {"train": n_train, "test": n_test}, sample, meta, overwrite)
 
 
 def add_parser(sub) -> None:

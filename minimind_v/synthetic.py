@@ -27,7 +27,6 @@ Layout written by `make_dataset(out_dir, ...)`:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .atomic_dir import atomic_folder
+from .atomic_dir import write_dataset
 
 # English name -> Chinese name (and RGB for colours)
 KINDS = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "diamond": "菱形"}
@@ -172,23 +171,12 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
     out_dir = Path(out_dir)
     if image_size % 3 != 0 or image_size < 12:
         raise ValueError(f"image_size must be a multiple of 3 and at least 12, got {image_size}")
-    with atomic_folder(out_dir, overwrite) as tmp:
-        (tmp / "images").mkdir()
-        for split, n in (("train", n_train), ("test", n_test)):
-            with open(tmp / f"pretrain_{split}.jsonl", "w", encoding="utf-8") as fp, \
-                 open(tmp / f"sft_{split}.jsonl", "w", encoding="utf-8") as fs:
-                for i in range(n):
-                    image, captions, asked = make_sample(seed, split, i, image_size, questions_per_image)
-                    image.save(tmp / "images" / captions[0]["image"], compress_level=1)
-                    for r in captions:
-                        fp.write(json.dumps(r, ensure_ascii=False) + "\n")
-                    for r in asked:
-                        fs.write(json.dumps(r, ensure_ascii=False) + "\n")
-        meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
-                "questions_per_image": questions_per_image, "image_root": "images",
-                "answer_words": answer_words()}
-        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-    return out_dir
+    meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
+            "questions_per_image": questions_per_image, "image_root": "images",
+            "answer_words": answer_words()}
+    return write_dataset(out_dir, {"train": n_train, "test": n_test},
+                         lambda split, i: make_sample(seed, split, i, image_size, questions_per_image),
+                         meta, overwrite)
 
 
 def cli(argv: list[str]) -> int:

@@ -3,7 +3,6 @@ the saved picture, read back here from its pixels (each colour's pixels, their b
 centre, and the shape from how much of that box they fill)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -15,19 +14,7 @@ from PIL import Image
 
 from minimind_v import objects
 from minimind_v.objects import COLOURS, make_dataset
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path, encoding="utf-8")]
-
-
-def digest(folder):
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
+from dataset_files import digest, read_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 answer follows from the caption by an independent reader (regexes written here)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
@@ -13,19 +12,7 @@ from PIL import Image
 
 from minimind_v import scenes
 from minimind_v.scenes import COLOURS, make_dataset
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path, encoding="utf-8")]
-
-
-def digest(folder):
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
+from dataset_files import digest, read_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ question from that reading, requiring exactly one possible answer.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 
@@ -16,19 +15,7 @@ from PIL import Image
 
 from minimind_v import synthetic
 from minimind_v.synthetic import COLOURS, COUNTS, KINDS, POSITIONS, answer_words, make_dataset
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path, encoding="utf-8")]
-
-
-def digest(folder):
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
+from dataset_files import digest, read_jsonl
 
 
 def read_scene(path):
