@@ -67,5 +67,5 @@ def param_groups(model: nn.Module, weight_decay: float, vision_lr_scale: float =
             groups.setdefault(key, []).append(p)
     order = [(True, False), (False, False), (True, True), (False, True)]
     return [{"params": groups.get(k, []), "weight_decay": weight_decay if k[0] else 0.0,
-             "lr_scale": vision_lr_scale if k[1] else 1.0}
+             "vision": k[1], "lr_scale": vision_lr_scale if k[1] else 1.0}
             for k in order if k in groups or not k[1]]

@@ -44,11 +44,6 @@ RESUME_MAY_CHANGE = ("lr", "warmup_steps", "min_lr_ratio", "epochs", "max_steps"
 RESUME_MUST_MATCH = ("stage", "batch_size", "accum_steps", "seed")
 
 
-def optimizer_scales(tcfg, n_groups: int) -> list[float]:
-    """The lr scale of each of `freeze.param_groups`' groups: [1, 1] or [1, 1, vision, vision]."""
-    return [1.0, 1.0] + [tcfg.vision_lr_scale] * (n_groups - 2)
-
-
 def resume(path: Path, model, optimizer, scaler, tcfg, world: int, rank: int, device, log) -> int:
     """Load the full training state of `path` into the model, optimizer and RNGs; returns the step."""
     ckpt = load_state_dict(path, map_location=device)
@@ -65,8 +60,8 @@ def resume(path: Path, model, optimizer, scaler, tcfg, world: int, rank: int, de
             log(f"resume: {key} changed from {saved.get(key)!r} to {getattr(tcfg, key)!r}")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    for group, now in zip(optimizer.param_groups, optimizer_scales(tcfg, len(optimizer.param_groups))):
-        group["lr_scale"] = now                            # this run's scale, not the saved one
+    for group in optimizer.param_groups:                   # this run's scale, not the saved one
+        group["lr_scale"] = tcfg.vision_lr_scale if group.get("vision") else 1.0
     if scaler is not None and ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"][rank])
