@@ -79,13 +79,14 @@ def user_message(question: str, n_images: int, position: str = "after") -> dict:
 
 def stream_reply(model, tok: Tokenizer, messages: list[dict], pixels: torch.Tensor | None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float | None = None,
-                 seed: int | None = None):
-    """Yield the reply's text piece by piece (decoded so far minus what was already yielded)."""
+                 seed: int | None = None, compile: bool = False):
+    """Yield the reply's text piece by piece (decoded so far minus what was already yielded).
+    compile=True: decode through `generate.stream`'s compiled static-cache step (same tokens)."""
     ids = torch.tensor([prompt_ids(tok, messages, num_patches(model))])              # (1, T)
     images = pixels[None] if pixels is not None else None                             # (1, N, 3, S, S)
     new, shown = [], ""
     for nxt in stream(model, ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                      eos_id=tok.eos_id, images=images, seed=seed):
+                      eos_id=tok.eos_id, images=images, seed=seed, compile=compile):
         if int(nxt[0]) == tok.eos_id:
             break
         new.append(int(nxt[0]))
@@ -228,6 +229,8 @@ def cli_chat(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--compile", action="store_true", help="decode with a compiled step (faster per token; "
+                                                          "the first reply compiles, seconds)")
     a = p.parse_args(argv)
     check_sampling(p, a)
     model, tok, info = load_chat_model(a.checkpoint)
@@ -237,7 +240,8 @@ def cli_chat(argv: list[str]) -> int:
     n_images, position = len(a.image), info.get("image_position", "after")
 
     def answer(messages):
-        for piece in stream_reply(model, tok, messages, pixels, a.max_new_tokens, a.temperature, a.top_p, a.seed):
+        for piece in stream_reply(model, tok, messages, pixels, a.max_new_tokens, a.temperature, a.top_p, a.seed,
+                                  a.compile):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -257,7 +261,8 @@ def cli_chat(argv: list[str]) -> int:
         history.append(user_message(question, n_images, position) if not history
                        else {"role": "user", "content": question})
         text = []
-        for piece in stream_reply(model, tok, history, pixels, a.max_new_tokens, a.temperature, a.top_p, a.seed):
+        for piece in stream_reply(model, tok, history, pixels, a.max_new_tokens, a.temperature, a.top_p, a.seed,
+                                  a.compile):
             sys.stdout.write(piece)
             sys.stdout.flush()
             text.append(piece)

@@ -110,8 +110,9 @@ def find_examples(checkpoint, folder=None, limit: int = 12) -> dict[str, Path]:
 class Engine:
     """A loaded model that generates for one request at a time; the others wait in line (FIFO)."""
 
-    def __init__(self, model, tok, name: str, stage: str | None = None):
+    def __init__(self, model, tok, name: str, stage: str | None = None, compile: bool = False):
         self.model, self.tok, self.name, self.stage = model, tok, name, stage
+        self.compile = compile                            # decode through generate's compiled static-cache step
         self.params = count_parameters(model)
         self.device = next(model.parameters()).device
         self.patches = num_patches(model)                 # 0 for a language model: it takes no picture
@@ -195,7 +196,8 @@ class Engine:
         new, shown = [], ""
         stats.update(tokens=0, started=time.perf_counter())
         for nxt in stream(self.model, ids, job["max_new_tokens"], temperature=job["temperature"],
-                          top_p=job["top_p"], eos_id=tok.eos_id, images=images, seed=job["seed"]):
+                          top_p=job["top_p"], eos_id=tok.eos_id, images=images, seed=job["seed"],
+                          compile=self.compile):
             if int(nxt[0]) == tok.eos_id or self.stopping.is_set():
                 break
             new.append(int(nxt[0]))
@@ -418,9 +420,11 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest image accepted (default 8)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
+    p.add_argument("--compile", action="store_true", help="decode with a compiled step (faster per token; each "
+                                                          "new prompt-length bucket compiles once, seconds)")
     a = p.parse_args(argv)
     model, tok, info = load(a.checkpoint, a.device)
-    engine = Engine(model, tok, checkpoint_name(a.checkpoint), info.get("stage"))
+    engine = Engine(model, tok, checkpoint_name(a.checkpoint), info.get("stage"), compile=a.compile)
     examples = find_examples(a.checkpoint, a.examples)
     if not is_loopback(a.host):
         print(f"minimind-v serve: warning: listening on {a.host}, so other machines can reach this server; "

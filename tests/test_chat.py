@@ -62,6 +62,23 @@ def test_chat_streams_exactly_what_generate_produces(checkpoint, capsys):
     assert printed == tok.decode(out) + "\n"
 
 
+def test_chat_compile_prints_the_same_reply(checkpoint, capsys, monkeypatch):
+    """--compile decodes through the compiled static-cache step (spied on): the same greedy text."""
+    import minimind_v.generate as gen
+    ckpt, data, _, _ = checkpoint
+    built = []
+    real = gen.compiled_step
+    monkeypatch.setattr(gen, "compiled_step", lambda **kw: built.append(kw) or real(**kw))
+    args = ["--checkpoint", str(ckpt), "--image", str(data / "images" / "test_000005.png"), "--max-new-tokens", "10",
+            "What shape is it?"]
+    assert cli_chat(args) == 0
+    eager = capsys.readouterr().out
+    assert built == []
+    assert cli_chat(args + ["--compile"]) == 0
+    assert capsys.readouterr().out == eager and len(eager.strip()) > 0
+    assert built == [{"fullgraph": True}]
+
+
 def test_the_image_changes_the_answer(checkpoint):
     _, data, model, tok = checkpoint
     msgs = [user_message("What is at the center?", 1)]

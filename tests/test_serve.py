@@ -159,6 +159,24 @@ def test_sampling_settings_reach_the_sampler(served, demo):
     assert len(seeds) > 1                                                     # the seed is used, not ignored
 
 
+def test_a_compiled_engine_answers_what_eager_chat_answers(demo, monkeypatch):
+    """`serve --compile`: replies decode through the compiled step (spied on), with the same text."""
+    import minimind_v.generate as gen
+    built, real = [], gen.compiled_step
+    monkeypatch.setattr(gen, "compiled_step", lambda **kw: built.append(kw) or real(**kw))
+    model, tok, info = load(demo / "sft")
+    server = start(Engine(model, tok, "compiled", info["stage"], compile=True))
+    try:
+        for image, question in records(demo, 2):
+            want = reply(model, tok, [user_message(question, 1)], load_pixels([image], 48), 16)
+            body = {"image": b64(image), "messages": [{"role": "user", "content": question}], "max_new_tokens": 16}
+            status, got = call(server, "POST", "/api/chat", body)
+            assert status == 200 and got["text"] == want
+    finally:
+        stop(server)
+    assert built == [{"fullgraph": True}] * 2
+
+
 def test_a_language_model_checkpoint_chats_without_pictures(tmp_path, demo):
     _, tok, _ = load(demo / "sft")
     cfg = LMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, max_seq_len=64)
