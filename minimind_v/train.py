@@ -124,6 +124,18 @@ class TrainConfig:
                 raise ValueError(f"{key} must be {expected}, got {getattr(self, key)!r}")
 
 
+# ----------------------------------------------------------------------------- precision
+def native_bf16(device) -> bool:
+    """Whether bfloat16 matrix products run natively on `device`: on CUDA, yes; on a CPU only with
+    AVX-512 (or newer) instructions. An AVX2-only CPU emulates them, ~40x slower than float32."""
+    if torch.device(device).type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 # ----------------------------------------------------------------------------- the schedule
 def lr_at(step: int, total_steps: int, peak: float, warmup_steps: int = 0, min_ratio: float = 0.1) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_ratio*peak.
@@ -268,6 +280,9 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
     optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay, tcfg.vision_lr_scale), lr=tcfg.lr, betas=tcfg.betas,
                                   fused=True)
     scaler = torch.amp.GradScaler("cuda") if tcfg.dtype == "fp16" else None
+    if tcfg.dtype == "bf16" and not native_bf16(device):
+        log(f"warning: dtype bf16 on a CPU without native bfloat16 ({torch.backends.cpu.get_cpu_capability()}): "
+            f"its matrix products are emulated, many times slower than fp32; expected --dtype fp32 here")
     train_model = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from minimind_v.chat import cli_chat, load_chat_model, load_pixels, prompt_ids, user_message
@@ -48,11 +49,19 @@ def test_quick_demo_end_to_end_and_its_checkpoint_chats(tmp_path, capsys):
     assert printed == tok.decode(new) + "\n"
 
 
-def test_fast_demo_trains_sft_in_bf16_with_a_compiled_step(tmp_path, capsys):
-    """--fast reaches train() as dtype bf16 + compile for SFT only, on two threads; it runs end to end."""
-    import pytest
-    from minimind_v.checkpoint import load_state_dict
+def test_fast_sft_uses_bf16_only_where_the_cpu_has_it():
+    from minimind_v.demo import fast_sft
+    assert fast_sft(True) == {"compile": True, "dtype": "bf16"}
+    assert fast_sft(False) == {"compile": True, "dtype": "fp32"}     # AVX2 emulates bf16, ~40x slower
 
+
+def test_fast_demo_trains_sft_with_a_compiled_step(tmp_path, capsys):
+    """--fast reaches train() as compile for SFT only, on two threads, in bf16 only where this CPU has
+    native bf16; it runs end to end."""
+    from minimind_v.checkpoint import load_state_dict
+    from minimind_v.train import native_bf16
+
+    native = native_bf16("cpu")
     threads = torch.get_num_threads()
     try:
         assert cli(["--quick", "--fast", "--out", str(tmp_path / "demo")]) == 0
@@ -66,5 +75,5 @@ def test_fast_demo_trains_sft_in_bf16_with_a_compiled_step(tmp_path, capsys):
     assert "held-out exact match" in capsys.readouterr().out
     saved = {stage: load_state_dict(tmp_path / "demo" / stage / "checkpoint.pt")["train_config"]
              for stage in ("pretrain", "sft")}
-    assert (saved["sft"]["dtype"], saved["sft"]["compile"]) == ("bf16", True)
+    assert (saved["sft"]["dtype"], saved["sft"]["compile"]) == ("bf16" if native else "fp32", True)
     assert (saved["pretrain"]["dtype"], saved["pretrain"]["compile"]) == ("fp32", False)

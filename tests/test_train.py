@@ -98,6 +98,25 @@ def test_tiny_run_overfits_a_handful_of_samples(tmp_path):
     assert Image.open(tmp_path / LOSS_PNG).size == (640, 400)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path, monkeypatch, native):
+    """An AVX2 CPU emulates bf16 products (~40x slower than fp32): train says so, once, and goes on."""
+    import minimind_v.train as train_module
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    lines = []
+    train(tiny_lm(), ToyTokens(n=4), collate, TrainConfig(stage="sft", epochs=1, batch_size=2, dtype="bf16",
+                                                          log_every=1000), tmp_path, log=lines.append)
+    warned = [m for m in lines if "without native bfloat16" in m]
+    assert len(warned) == (0 if native else 1) and (native or "--dtype fp32" in warned[0])
+
+
+def test_native_bf16_matches_the_cpu():
+    from minimind_v.train import native_bf16
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):       # no AVX-512: emulated bf16
+        assert native_bf16("cpu") is False
+    assert native_bf16("cuda") is True
+
+
 def test_pretrain_freeze_rule_only_changes_the_last_block(tmp_path):
     model = tiny_lm()
     before = {k: v.clone() for k, v in model.state_dict().items()}
