@@ -94,8 +94,15 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     projection_dim: int = 512    # CLIP's joint image-text embedding size (visual.proj)
     num_channels: int = 3
+    stem: str = "patch"          # "patch": CLIP's stride-p convolution; "conv": vision.ConvStem (small models)
+    stem_channels: int = 64      # the conv stem's feature maps
+    stem_kernel: int = 5         # its kernel, px (odd)
 
     def __post_init__(self):
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"vision stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem_kernel % 2 != 1 or self.stem_kernel < 1:
+            raise ValueError(f"stem_kernel must be an odd number of px, got {self.stem_kernel}")
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads != 0:

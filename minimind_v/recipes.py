@@ -143,7 +143,8 @@ def pick_patch_size(image_size: int) -> int:
 
 
 def model_config(vocab_size: int, image_pad_id: int, image_size: int = 48, preset: str = "small",
-                 patch_size: int | None = None, max_seq_len: int = 256, projector: str = "linear") -> VLMConfig:
+                 patch_size: int | None = None, max_seq_len: int = 256, projector: str = "linear",
+                 stem: str = "patch") -> VLMConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     s = PRESETS[preset]
@@ -157,7 +158,7 @@ def model_config(vocab_size: int, image_pad_id: int, image_size: int = 48, prese
                     num_kv_heads=heads // 2, max_seq_len=max(max_seq_len, n_patches + 128)),
         vision=VisionConfig(image_size=image_size, patch_size=patch, hidden_size=s["vision_hidden"],
                             num_layers=s["vision_layers"], num_heads=v_heads,
-                            intermediate_size=4 * s["vision_hidden"]),
+                            intermediate_size=4 * s["vision_hidden"], stem=stem),
         image_pad_id=image_pad_id, num_patches=n_patches, projector=projector)
 
 
@@ -175,13 +176,18 @@ def cli_model_config(argv: list[str]) -> int:
     p.add_argument("--projector", default="linear", choices=("linear", "mlp"),
                    help="linear: one Linear (MiniMind2-V); mlp: LayerNorm -> Linear -> GELU -> Linear, a "
                         "nonlinear read of each patch vector (minimind-3v's kind)")
+    p.add_argument("--stem", default="patch", choices=("patch", "conv"),
+                   help="patch: CLIP's stride-p convolution; conv: a 5x5 convolution with the max over each "
+                        "patch, for objects that fall anywhere inside (or across) the patches")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     tok = Tokenizer(a.tokenizer)
-    cfg = model_config(len(tok), tok.image_pad_id, a.image_size, a.preset, a.patch_size, a.max_seq_len, a.projector)
+    cfg = model_config(len(tok), tok.image_pad_id, a.image_size, a.preset, a.patch_size, a.max_seq_len, a.projector,
+                       a.stem)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(cfg.to_dict(), indent=2))
     print(f"wrote {a.out}: LM hidden {cfg.lm.hidden_size} x {cfg.lm.num_layers} layers, vocab {cfg.lm.vocab_size}; "
           f"ViT {cfg.vision.image_size} px / {cfg.vision.patch_size} px patches = {cfg.num_patches} per image, "
-          f"hidden {cfg.vision.hidden_size} x {cfg.vision.num_layers} layer(s); {cfg.projector} projector")
+          f"hidden {cfg.vision.hidden_size} x {cfg.vision.num_layers} layer(s), {cfg.vision.stem} stem; "
+          f"{cfg.projector} projector")
     return 0

@@ -133,13 +133,38 @@ class VisionBlock(nn.Module):
         return x, probs
 
 
-def patch_tokens(patch_embed: nn.Conv2d, cfg: VisionConfig, pixels: torch.Tensor) -> torch.Tensor:
-    """pixels (B, C, S, S) -> one vector per patch (B, P, D), row-major: the stride-p convolution."""
+def patch_tokens(patch_embed: nn.Conv2d, cfg: VisionConfig, pixels: torch.Tensor, stem=None) -> torch.Tensor:
+    """pixels (B, C, S, S) -> one vector per patch (B, P, D), row-major: the stride-p convolution
+    (or, with a `ConvStem`, the stem's per-patch maxima through a 1x1 convolution)."""
     S = cfg.image_size
     if pixels.dim() != 4 or pixels.shape[1:] != (cfg.num_channels, S, S):
         raise ValueError(f"expected pixels of shape (B, {cfg.num_channels}, {S}, {S}), got {tuple(pixels.shape)}")
-    x = patch_embed(pixels.to(patch_embed.weight.dtype))                 # (B, D, S/p, S/p)
+    pixels = pixels.to(patch_embed.weight.dtype)
+    if stem is not None:
+        pixels = stem(pixels)                                            # (B, K, S/p, S/p)
+    x = patch_embed(pixels)                                              # (B, D, S/p, S/p)
     return x.flatten(2).transpose(1, 2)                                  # (B, P, D)
+
+
+class ConvStem(nn.Module):
+    """A small convolution stem for a frozen *random* encoder: pixels (B, C, S, S) -> (B, K, S/p, S/p).
+
+    A stride-p patch convolution sees an object through fixed weights at each pixel offset, so
+    with random weights the same red square gives a different vector wherever it sits in its
+    patch (a random projection of 3p^2 pixels to D numbers keeps little of "how much red").
+    Here a KxK convolution (stride 1, ReLU) looks for local colour and edges at every pixel, and
+    a max over each p x p patch keeps the strongest response: the same vector for a shape
+    wherever it falls inside the patch. Used by `model-config --stem conv` (VisionConfig.stem).
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        k = cfg.stem_kernel
+        self.conv = nn.Conv2d(cfg.num_channels, cfg.stem_channels, kernel_size=k, padding=k // 2)
+        self.pool = nn.MaxPool2d(cfg.patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pool(torch.relu(self.conv(pixels)))                  # (B, K, S/p, S/p)
 
 
 def assign_weights(model: nn.Module, sd: dict, path, error, dtype=torch.float32) -> nn.Module:
@@ -170,8 +195,13 @@ class CLIPVisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.hidden_size
-        self.patch_embed = nn.Conv2d(cfg.num_channels, D, kernel_size=cfg.patch_size,
-                                     stride=cfg.patch_size, bias=False)
+        if cfg.stem == "conv":                          # conv stem + max per patch, then 1x1 to width D
+            self.stem = ConvStem(cfg)
+            self.patch_embed = nn.Conv2d(cfg.stem_channels, D, kernel_size=1, bias=False)
+        else:                                           # CLIP: one stride-p convolution
+            self.stem = None
+            self.patch_embed = nn.Conv2d(cfg.num_channels, D, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(D) * D ** -0.5)
         self.position_embedding = nn.Parameter(torch.randn(1 + cfg.num_patches, D) * D ** -0.5)
         self.ln_pre = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
@@ -184,7 +214,10 @@ class CLIPVisionTransformer(nn.Module):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, C, S, S) -> token vectors (B, 1+P, D) entering the first block (after ln_pre)."""
-        x = patch_tokens(self.patch_embed, self.cfg, pixels)              # (B, P, D), row-major patches
+        if self.stem is None:
+            x = patch_tokens(self.patch_embed, self.cfg, pixels)          # (B, P, D), row-major patches
+        else:
+            x = patch_tokens(self.patch_embed, self.cfg, pixels, self.stem)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)                                    # (B, 1+P, D)
         x = x + self.position_embedding.to(x.dtype)                       # (B, 1+P, D)

@@ -70,6 +70,11 @@ def test_model_config_command(tmp_path, capsys):
     assert mlp.projector == "mlp" and mlp.num_patches == 16
     layers = MiniMindVLM(mlp).vision_proj.vision_proj
     assert [type(m).__name__ for m in layers] == ["LayerNorm", "Linear", "GELU", "Linear"]
+    assert cfg.vision.stem == "patch"
+    assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "64",
+                 "--stem", "conv", "--out", str(tmp_path / "conv.json")]) == 0
+    conv = VLMConfig(**json.loads((tmp_path / "conv.json").read_text()))
+    assert conv.vision.stem == "conv" and MiniMindVLM(conv).vision_encoder.stem is not None
     assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "101",
                  "--out", str(tmp_path / "x.json")]) == 2
     assert "image size 101" in capsys.readouterr().err
