@@ -9,9 +9,12 @@ position embeddings scaled by --pos-scale).
     python benchmarks/probe_features.py --kind objects --data O --model-config O/cfg.json
 
 scenes: which glyph (1 of 8) sits in a patch, from that patch's vector (patches holding one);
-objects: "is the red object on the left" and "what shape is the red object", from all 25 vectors.
+objects: "is the red object on the left" and "what shape is the red object", from all 25 vectors,
+and "does this patch hold 10+ red pixels", from that patch's vector alone (what an attention
+lookup of the red object needs; scored as balanced accuracy, the mean of the hit rates on the
+patches with and without red, since ~8% of patches hold red).
 Each probe: linear, and one hidden layer of 256; Adam, 1500 steps of 256; first N-1000 pictures
-fit, the last 1000 score.
+fit, the last 1000 score. `--stem conv` swaps in the conv stem (`model-config --stem conv`).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from minimind_v.chat import load_pixels
 from minimind_v.config import VLMConfig
@@ -36,8 +41,10 @@ def patch_vectors(model, paths, size: int, n_patches: int) -> torch.Tensor:
     return torch.cat(out)                                                 # (N, P, Dv)
 
 
-def probe(x: torch.Tensor, y: torch.Tensor, classes: int, hidden: int, n_fit: int) -> tuple[float, float]:
-    """(fit accuracy, held-out accuracy) of a probe x (N, D) -> y (N,)."""
+def probe(x: torch.Tensor, y: torch.Tensor, classes: int, hidden: int, n_fit: int,
+          balanced: bool = False) -> tuple[float, float]:
+    """(fit accuracy, held-out accuracy) of a probe x (N, D) -> y (N,); `balanced`: the mean over
+    classes of each class's hit rate."""
     torch.manual_seed(0)
     mean, std = x[:n_fit].mean(0), x[:n_fit].std(0) + 1e-6
     x = (x - mean) / std
@@ -52,7 +59,11 @@ def probe(x: torch.Tensor, y: torch.Tensor, classes: int, hidden: int, n_fit: in
         opt.step()
     with torch.no_grad():
         pred = net(x).argmax(-1)
-    return (pred[:n_fit] == y[:n_fit]).float().mean().item(), (pred[n_fit:] == y[n_fit:]).float().mean().item()
+
+    def score(p, t):
+        hit = (p == t).float()
+        return torch.stack([hit[t == c].mean() for c in t.unique()]).mean().item() if balanced else hit.mean().item()
+    return score(pred[:n_fit], y[:n_fit]), score(pred[n_fit:], y[n_fit:])
 
 
 def main() -> None:
@@ -63,12 +74,15 @@ def main() -> None:
     p.add_argument("--pictures", type=int, default=6000)
     p.add_argument("--pos-scale", type=float, default=10.0)
     p.add_argument("--vision-hidden", type=int, help="override the ViT width (heads = width / 32)")
+    p.add_argument("--stem", choices=("patch", "conv"), help="override the config's vision stem")
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = json.loads(Path(a.model_config).read_text())
     if a.vision_hidden:
         w = a.vision_hidden
         cfg["vision"].update(hidden_size=w, intermediate_size=4 * w, num_heads=max(2, w // 32))
+    if a.stem:
+        cfg["vision"]["stem"] = a.stem
     cfg = VLMConfig(**cfg)
     torch.manual_seed(0)
     model = MiniMindVLM(cfg)
@@ -103,10 +117,18 @@ def main() -> None:
         flat = feats.flatten(1)
         probes["is the red object on the left"] = (flat, torch.tensor(left), 2, n_fit)
         probes["what shape is the red object"] = (flat, torch.tensor(shape), 3, n_fit)
+    if a.kind == "objects" and size == cfg.vision.image_size:         # pictures not resized: patches map to pixels
+        p_, g = cfg.vision.patch_size, size // cfg.vision.patch_size      # red pixels per patch, from the pictures
+        red = torch.tensor(objects.COLOURS["red"], dtype=torch.uint8)
+        counts = torch.stack([(torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))) == red).all(-1)
+                              .reshape(g, p_, g, p_).sum((1, 3)).flatten() for path in paths])   # (N, P)
+        probes["does this patch hold red"] = (feats.flatten(0, 1), (counts >= 10).long().flatten(), 2,
+                                              n_fit * cfg.num_patches, True)
     print(f"{a.kind}: {n} pictures ({n_fit} fit), ViT {cfg.vision.hidden_size} wide, positions x{a.pos_scale:g}")
-    for name, (x, y, k, fit) in probes.items():
+    print(f"  vision stem: {cfg.vision.stem}")
+    for name, (x, y, k, fit, *balanced) in probes.items():
         for hidden in (0, 256):
-            tr, te = probe(x, y, k, hidden, fit)
+            tr, te = probe(x, y, k, hidden, fit, *balanced)
             print(f"  {name:32s} {'linear' if not hidden else 'hidden 256':>10}: fit {tr:.1%}  held out {te:.1%}")
 
 
