@@ -102,7 +102,7 @@ def main() -> None:
         held = glyph > 0
         fit_rows = held[:n_fit].sum().item()
         x, y = feats[held], glyph[held] - 1
-        probes["which glyph is in this patch"] = (x, y, 8, fit_rows)
+        probes["which glyph is in this patch"] = (x, y, 8, fit_rows, False)
     else:
         from minimind_v import objects
         meta = json.loads((data / "meta.json").read_text())           # the geometry is the generator's
@@ -115,20 +115,20 @@ def main() -> None:
             left.append(int(red.x < size / 2))
             shape.append(objects.SHAPES.index(red.shape))
         flat = feats.flatten(1)
-        probes["is the red object on the left"] = (flat, torch.tensor(left), 2, n_fit)
-        probes["what shape is the red object"] = (flat, torch.tensor(shape), 3, n_fit)
-    if a.kind == "objects" and size == cfg.vision.image_size:         # pictures not resized: patches map to pixels
-        p_, g = cfg.vision.patch_size, size // cfg.vision.patch_size      # red pixels per patch, from the pictures
-        red = torch.tensor(objects.COLOURS["red"], dtype=torch.uint8)
-        counts = torch.stack([(torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))) == red).all(-1)
-                              .reshape(g, p_, g, p_).sum((1, 3)).flatten() for path in paths])   # (N, P)
-        probes["does this patch hold red"] = (feats.flatten(0, 1), (counts >= 10).long().flatten(), 2,
-                                              n_fit * cfg.num_patches, True)
+        probes["is the red object on the left"] = (flat, torch.tensor(left), 2, n_fit, False)
+        probes["what shape is the red object"] = (flat, torch.tensor(shape), 3, n_fit, False)
+        if size == cfg.vision.image_size:                              # not resized: patches map to pixels
+            p_, g = cfg.vision.patch_size, size // cfg.vision.patch_size  # red pixels per patch, from the pictures
+            red = torch.tensor(objects.COLOURS["red"], dtype=torch.uint8)
+            counts = torch.stack([(torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))) == red).all(-1)
+                                  .reshape(g, p_, g, p_).sum((1, 3)).flatten() for path in paths])   # (N, P)
+            probes["does this patch hold red"] = (feats.flatten(0, 1), (counts >= 10).long().flatten(), 2,
+                                                  n_fit * cfg.num_patches, True)
     print(f"{a.kind}: {n} pictures ({n_fit} fit), ViT {cfg.vision.hidden_size} wide, positions x{a.pos_scale:g}")
     print(f"  vision stem: {cfg.vision.stem}")
-    for name, (x, y, k, fit, *balanced) in probes.items():
+    for name, (x, y, k, fit, balanced) in probes.items():
         for hidden in (0, 256):
-            tr, te = probe(x, y, k, hidden, fit, *balanced)
+            tr, te = probe(x, y, k, hidden, fit, balanced)
             print(f"  {name:32s} {'linear' if not hidden else 'hidden 256':>10}: fit {tr:.1%}  held out {te:.1%}")
 
 

@@ -137,6 +137,8 @@ class VLMConfig:
             raise ValueError(f"splice_impl must be 'vectorized' or 'fused', got {self.splice_impl!r}")
         if self.vision_kind not in ("clip", "siglip"):
             raise ValueError(f"vision_kind must be 'clip' or 'siglip', got {self.vision_kind!r}")
+        if self.vision_kind == "siglip" and self.vision.stem != "patch":
+            raise ValueError(f"the SigLIP encoder has only the patch stem, got vision stem {self.vision.stem!r}")
         if self.num_patches != self.vision.num_patches:
             raise ValueError(
                 f"num_patches {self.num_patches} must equal the encoder's patch count "

@@ -214,10 +214,7 @@ class CLIPVisionTransformer(nn.Module):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, C, S, S) -> token vectors (B, 1+P, D) entering the first block (after ln_pre)."""
-        if self.stem is None:
-            x = patch_tokens(self.patch_embed, self.cfg, pixels)          # (B, P, D), row-major patches
-        else:
-            x = patch_tokens(self.patch_embed, self.cfg, pixels, self.stem)
+        x = patch_tokens(self.patch_embed, self.cfg, pixels, self.stem)   # (B, P, D), row-major patches
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)                                    # (B, 1+P, D)
         x = x + self.position_embedding.to(x.dtype)                       # (B, 1+P, D)

@@ -87,3 +87,17 @@ def test_a_bad_stem_is_named():
         small(stem="cnn")
     with pytest.raises(ValueError, match="stem_kernel must be an odd"):
         small(stem_kernel=4)
+    vis = small()
+    with pytest.raises(ValueError, match="SigLIP encoder has only the patch stem"):
+        VLMConfig(lm=tiny_lm(64), vision=vis, num_patches=vis.num_patches, vision_kind="siglip")
+
+
+def test_learner_modes_patchify_embed_keeps_a_conv_stem():
+    """Learner mode swaps `embed` for a patchify version; a conv-stem encoder must keep its stem."""
+    from minimind_v.learner import embed_by_patchify
+
+    for stem in ("conv", "patch"):
+        torch.manual_seed(0)
+        model = CLIPVisionTransformer(small(stem=stem)).double()
+        x = torch.randn(2, 3, 30, 30, dtype=torch.float64)
+        torch.testing.assert_close(embed_by_patchify(model, x), model.embed(x), rtol=1e-12, atol=1e-12)
