@@ -83,6 +83,9 @@ class LMConfig:
         return asdict(self)
 
 
+STEMS = ("patch", "conv", "both")     # how a picture becomes patch vectors (VisionConfig.stem)
+
+
 @dataclass
 class VisionConfig:
     image_size: int = 224
@@ -94,13 +97,14 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     projection_dim: int = 512    # CLIP's joint image-text embedding size (visual.proj)
     num_channels: int = 3
-    stem: str = "patch"          # "patch": CLIP's stride-p convolution; "conv": vision.ConvStem (small models)
+    stem: str = "patch"          # "patch": CLIP's stride-p convolution; "conv": vision.ConvStem (small models);
+                                 # "both": the two summed (vision.patch_tokens)
     stem_channels: int = 64      # the conv stem's feature maps
     stem_kernel: int = 5         # its kernel, px (odd)
 
     def __post_init__(self):
-        if self.stem not in ("patch", "conv"):
-            raise ValueError(f"vision stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem not in STEMS:
+            raise ValueError(f"vision stem must be one of {', '.join(map(repr, STEMS))}, got {self.stem!r}")
         if self.stem_kernel % 2 != 1 or self.stem_kernel < 1:
             raise ValueError(f"stem_kernel must be an odd number of px, got {self.stem_kernel}")
         if self.image_size % self.patch_size != 0:

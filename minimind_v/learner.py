@@ -136,16 +136,18 @@ def plain_attention_forward(self, x, cos, sin, mask, kv_cache=None):
 
 def embed_by_patchify(self, pixels):
     """CLIPVisionTransformer.embed with patchify + one matmul instead of the stride-p convolution
-    (a conv-stem encoder, which the lesson does not cover, keeps its own stem)."""
+    (a conv stem, which the lesson does not cover, is kept as it is)."""
     import torch
     from . import vision as V
     S, w = self.cfg.image_size, self.patch_embed.weight             # w (D, C, p, p)
     if pixels.dim() != 4 or pixels.shape[1:] != (self.cfg.num_channels, S, S):
         raise ValueError(f"expected pixels of shape (B, {self.cfg.num_channels}, {S}, {S}), got {tuple(pixels.shape)}")
-    if self.stem is not None:
+    if self.cfg.stem == "conv":
         x = V.patch_tokens(self.patch_embed, self.cfg, pixels, self.stem)                   # (B, P, D)
     else:
         x = V.patchify(pixels.to(w.dtype), self.cfg.patch_size) @ w.reshape(w.shape[0], -1).T   # (B, P, D)
+        if self.stem is not None:                                    # "both": + the conv stem's vectors
+            x = x + self.stem(pixels.to(w.dtype)).flatten(2).transpose(1, 2)
     cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)                         # (B, 1, D)
     x = torch.cat([cls, x], dim=1) + self.position_embedding.to(x.dtype)                     # (B, 1+P, D)
     return self.ln_pre(x)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LMConfig, VisionConfig, VLMConfig
+from .config import STEMS, LMConfig, VisionConfig, VLMConfig
 
 
 def opt(default, help: str, **meta):
@@ -176,9 +176,9 @@ def cli_model_config(argv: list[str]) -> int:
     p.add_argument("--projector", default="linear", choices=("linear", "mlp"),
                    help="linear: one Linear (MiniMind2-V); mlp: LayerNorm -> Linear -> GELU -> Linear, a "
                         "nonlinear read of each patch vector (minimind-3v's kind)")
-    p.add_argument("--stem", default="patch", choices=("patch", "conv"),
+    p.add_argument("--stem", default="patch", choices=STEMS,
                    help="patch: CLIP's stride-p convolution; conv: a 5x5 convolution with the max over each "
-                        "patch, for objects that fall anywhere inside (or across) the patches")
+                        "patch, for objects that fall anywhere inside (or across) the patches; both: the two summed")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     tok = Tokenizer(a.tokenizer)

@@ -134,15 +134,19 @@ class VisionBlock(nn.Module):
 
 
 def patch_tokens(patch_embed: nn.Conv2d, cfg: VisionConfig, pixels: torch.Tensor, stem=None) -> torch.Tensor:
-    """pixels (B, C, S, S) -> one vector per patch (B, P, D), row-major: the stride-p convolution
-    (or, with a `ConvStem`, the stem's per-patch maxima through a 1x1 convolution)."""
+    """pixels (B, C, S, S) -> one vector per patch (B, P, D), row-major, by `cfg.stem`:
+    "patch": CLIP's stride-p convolution; "conv": a `ConvStem`'s per-patch maxima through a 1x1
+    convolution (`patch_embed`); "both": the stride-p convolution plus the stem's own 1x1 of them."""
     S = cfg.image_size
     if pixels.dim() != 4 or pixels.shape[1:] != (cfg.num_channels, S, S):
         raise ValueError(f"expected pixels of shape (B, {cfg.num_channels}, {S}, {S}), got {tuple(pixels.shape)}")
     pixels = pixels.to(patch_embed.weight.dtype)
-    if stem is not None:
-        pixels = stem(pixels)                                            # (B, K, S/p, S/p)
-    x = patch_embed(pixels)                                              # (B, D, S/p, S/p)
+    if cfg.stem == "conv":
+        x = patch_embed(stem(pixels))                                    # (B, K, S/p, S/p) -> (B, D, S/p, S/p)
+    elif cfg.stem == "both":
+        x = patch_embed(pixels) + stem(pixels)                           # (B, D, S/p, S/p), summed
+    else:
+        x = patch_embed(pixels)                                          # (B, D, S/p, S/p)
     return x.flatten(2).transpose(1, 2)                                  # (B, P, D)
 
 
@@ -155,16 +159,22 @@ class ConvStem(nn.Module):
     Here a KxK convolution (stride 1, ReLU) looks for local colour and edges at every pixel, and
     a max over each p x p patch keeps the strongest response: the same vector for a shape
     wherever it falls inside the patch. Used by `model-config --stem conv` (VisionConfig.stem).
+
+    With `width` (the "both" stem) a 1x1 convolution `proj` takes the maxima to the ViT width
+    here, so that they add to CLIP's stride-p patch vectors: (B, D, S/p, S/p). Those keep what a
+    shape looks like across the whole patch, these what it is wherever it sits inside it.
     """
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, width: int | None = None):
         super().__init__()
         k = cfg.stem_kernel
         self.conv = nn.Conv2d(cfg.num_channels, cfg.stem_channels, kernel_size=k, padding=k // 2)
         self.pool = nn.MaxPool2d(cfg.patch_size)
+        self.proj = nn.Conv2d(cfg.stem_channels, width, kernel_size=1, bias=False) if width else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.pool(torch.relu(self.conv(pixels)))                  # (B, K, S/p, S/p)
+        x = self.pool(torch.relu(self.conv(pixels)))                     # (B, K, S/p, S/p)
+        return x if self.proj is None else self.proj(x)                  # (B, D, S/p, S/p) with proj
 
 
 def assign_weights(model: nn.Module, sd: dict, path, error, dtype=torch.float32) -> nn.Module:
@@ -198,8 +208,8 @@ class CLIPVisionTransformer(nn.Module):
         if cfg.stem == "conv":                          # conv stem + max per patch, then 1x1 to width D
             self.stem = ConvStem(cfg)
             self.patch_embed = nn.Conv2d(cfg.stem_channels, D, kernel_size=1, bias=False)
-        else:                                           # CLIP: one stride-p convolution
-            self.stem = None
+        else:                                           # CLIP: one stride-p convolution ("both": + the stem's)
+            self.stem = ConvStem(cfg, width=D) if cfg.stem == "both" else None
             self.patch_embed = nn.Conv2d(cfg.num_channels, D, kernel_size=cfg.patch_size,
                                          stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(D) * D ** -0.5)
