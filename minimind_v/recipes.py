@@ -14,7 +14,10 @@ What `from-scratch-small` sets, and why (lesson 10 has the runs):
   feature map still tells colours and shapes apart; one layer, because each random attention
   layer mixes the patches at random. Its position embeddings are scaled x10 (`pos_scale`): as
   initialised they are ~6x weaker than a patch's content, so a patch vector barely says where
-  it sits;
+  it sits. The presets give it the "both" stem (`vision.patch_tokens`): CLIP's stride-p patch
+  vectors plus a small convolution's maxima over each patch, so a shape that falls anywhere
+  inside a patch still gives the same part of its vector (the demo, one shape centred in each
+  patch, keeps the patch stem);
 - the LM's embeddings drawn with std 0.1 (`embed_std`) instead of 0.02: the output matrix is tied
   to them, and at 0.02 no logit of a hidden-128 model can exceed ~2.6, too flat to be confident;
 - what trains: the LM and the projector; lr 2e-3, no warmup, batch 64, 4000 steps for SFT
@@ -127,9 +130,9 @@ def apply_init(model, init: ModelInit, fresh_lm: bool = True, fresh_vision: bool
 
 
 # ----------------------------------------------------------------------------- small model configs
-PRESETS = {    # LM hidden/layers, ViT hidden/layers; heads = hidden / 32 (>= 2), kv heads = half
-    "small": dict(hidden=128, layers=2, vision_hidden=128, vision_layers=1),
-    "tiny": dict(hidden=32, layers=2, vision_hidden=32, vision_layers=1),
+PRESETS = {    # LM hidden/layers, ViT hidden/layers; heads = hidden / 32 (>= 2), kv heads = half; the ViT stem
+    "small": dict(hidden=128, layers=2, vision_hidden=128, vision_layers=1, stem="both"),
+    "tiny": dict(hidden=32, layers=2, vision_hidden=32, vision_layers=1, stem="both"),
 }
 
 
@@ -144,7 +147,8 @@ def pick_patch_size(image_size: int) -> int:
 
 def model_config(vocab_size: int, image_pad_id: int, image_size: int = 48, preset: str = "small",
                  patch_size: int | None = None, max_seq_len: int = 256, projector: str = "linear",
-                 stem: str = "patch") -> VLMConfig:
+                 stem: str | None = None) -> VLMConfig:
+    """A small VLMConfig for a tokenizer and an image size; `stem` None takes the preset's."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     s = PRESETS[preset]
@@ -158,7 +162,7 @@ def model_config(vocab_size: int, image_pad_id: int, image_size: int = 48, prese
                     num_kv_heads=heads // 2, max_seq_len=max(max_seq_len, n_patches + 128)),
         vision=VisionConfig(image_size=image_size, patch_size=patch, hidden_size=s["vision_hidden"],
                             num_layers=s["vision_layers"], num_heads=v_heads,
-                            intermediate_size=4 * s["vision_hidden"], stem=stem),
+                            intermediate_size=4 * s["vision_hidden"], stem=stem or s["stem"]),
         image_pad_id=image_pad_id, num_patches=n_patches, projector=projector)
 
 
@@ -176,9 +180,10 @@ def cli_model_config(argv: list[str]) -> int:
     p.add_argument("--projector", default="linear", choices=("linear", "mlp"),
                    help="linear: one Linear (MiniMind2-V); mlp: LayerNorm -> Linear -> GELU -> Linear, a "
                         "nonlinear read of each patch vector (minimind-3v's kind)")
-    p.add_argument("--stem", default="patch", choices=STEMS,
+    p.add_argument("--stem", choices=STEMS,
                    help="patch: CLIP's stride-p convolution; conv: a 5x5 convolution with the max over each "
-                        "patch, for objects that fall anywhere inside (or across) the patches; both: the two summed")
+                        "patch, for objects that fall anywhere inside (or across) the patches; both (the presets'): "
+                        "the two summed")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     tok = Tokenizer(a.tokenizer)

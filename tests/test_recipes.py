@@ -70,11 +70,14 @@ def test_model_config_command(tmp_path, capsys):
     assert mlp.projector == "mlp" and mlp.num_patches == 16
     layers = MiniMindVLM(mlp).vision_proj.vision_proj
     assert [type(m).__name__ for m in layers] == ["LayerNorm", "Linear", "GELU", "Linear"]
-    assert cfg.vision.stem == "patch"
+    assert cfg.vision.stem == "both" and MiniMindVLM(cfg).vision_encoder.stem.proj is not None   # the preset's
     assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "64",
                  "--stem", "conv", "--out", str(tmp_path / "conv.json")]) == 0
     conv = VLMConfig(**json.loads((tmp_path / "conv.json").read_text()))
     assert conv.vision.stem == "conv" and MiniMindVLM(conv).vision_encoder.stem is not None
+    assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "64",
+                 "--stem", "patch", "--out", str(tmp_path / "patch.json")]) == 0          # CLIP's, when asked
+    assert json.loads((tmp_path / "patch.json").read_text())["vision"]["stem"] == "patch"
     assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "101",
                  "--out", str(tmp_path / "x.json")]) == 2
     assert "image size 101" in capsys.readouterr().err
@@ -88,7 +91,7 @@ def test_the_demo_model_is_the_recipes_preset():
     assert (lm.hidden_size, lm.num_layers, lm.num_heads, lm.num_kv_heads, lm.max_seq_len) == (128, 2, 4, 2, 256)
     assert (v.image_size, v.patch_size, v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size) == \
            (48, 16, 128, 1, 4, 512)
-    assert cfg.num_patches == 9
+    assert cfg.num_patches == 9 and v.stem == "patch" and cfg.projector == "linear"
 
 
 def test_train_cli_prints_the_effective_settings(tmp_path, capsys):
