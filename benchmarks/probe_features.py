@@ -120,7 +120,7 @@ def main() -> None:
         if size == cfg.vision.image_size:                              # not resized: patches map to pixels
             p_, g = cfg.vision.patch_size, size // cfg.vision.patch_size  # red pixels per patch, from the pictures
             red = torch.tensor(objects.COLOURS["red"], dtype=torch.uint8)
-            counts = torch.stack([(torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))) == red).all(-1)
+            counts = torch.stack([(torch.from_numpy(np.array(Image.open(path).convert("RGB"))) == red).all(-1)
                                   .reshape(g, p_, g, p_).sum((1, 3)).flatten() for path in paths])   # (N, P)
             probes["does this patch hold red"] = (feats.flatten(0, 1), (counts >= 10).long().flatten(), 2,
                                                   n_fit * cfg.num_patches, True)
