@@ -132,7 +132,7 @@ def apply_init(model, init: ModelInit, fresh_lm: bool = True, fresh_vision: bool
 # ----------------------------------------------------------------------------- small model configs
 PRESETS = {    # LM hidden/layers, ViT hidden/layers; heads = hidden / 32 (>= 2), kv heads = half; the ViT stem
     "small": dict(hidden=128, layers=2, vision_hidden=128, vision_layers=1, stem="both"),
-    "tiny": dict(hidden=32, layers=2, vision_hidden=32, vision_layers=1, stem="both"),
+    "tiny": dict(hidden=32, layers=2, vision_hidden=32, vision_layers=1, stem="patch"),   # smoke: a pipeline check
 }
 
 
