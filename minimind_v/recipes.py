@@ -14,7 +14,7 @@ What `from-scratch-small` sets, and why (lesson 10 has the runs):
   feature map still tells colours and shapes apart; one layer, because each random attention
   layer mixes the patches at random. Its position embeddings are scaled x10 (`pos_scale`): as
   initialised they are ~6x weaker than a patch's content, so a patch vector barely says where
-  it sits. The presets give it the "both" stem (`vision.patch_tokens`): CLIP's stride-p patch
+  it sits. The `small` preset gives it the "both" stem (`vision.patch_tokens`): CLIP's stride-p patch
   vectors plus a small convolution's maxima over each patch, so a shape that falls anywhere
   inside a patch still gives the same part of its vector (the demo, one shape centred in each
   patch, keeps the patch stem);
@@ -182,8 +182,8 @@ def cli_model_config(argv: list[str]) -> int:
                         "nonlinear read of each patch vector (minimind-3v's kind)")
     p.add_argument("--stem", choices=STEMS,
                    help="patch: CLIP's stride-p convolution; conv: a 5x5 convolution with the max over each "
-                        "patch, for objects that fall anywhere inside (or across) the patches; both (the presets'): "
-                        "the two summed")
+                        "patch, for objects that fall anywhere inside (or across) the patches; both (the small "
+                        "preset's): the two summed")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     tok = Tokenizer(a.tokenizer)
