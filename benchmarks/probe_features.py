@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from minimind_v.chat import load_pixels
-from minimind_v.config import VLMConfig
+from minimind_v.config import STEMS, VLMConfig
 from minimind_v.recipes import ModelInit, apply_init
 from minimind_v.vlm import MiniMindVLM
 
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--pictures", type=int, default=6000)
     p.add_argument("--pos-scale", type=float, default=10.0)
     p.add_argument("--vision-hidden", type=int, help="override the ViT width (heads = width / 32)")
-    p.add_argument("--stem", choices=("patch", "conv", "both"), help="override the config's vision stem")
+    p.add_argument("--stem", choices=STEMS, help="override the config's vision stem")
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = json.loads(Path(a.model_config).read_text())
