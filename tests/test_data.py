@@ -145,6 +145,17 @@ def test_truncation_never_splits_an_image(tmp_path, tok):
     assert truncate(ids, [False] * 6, 4, image_pad_id=3, num_patches=2) == ([7, 3, 3], [False] * 3, 1)
 
 
+def test_truncation_ignores_a_stray_pad_id_in_the_text():
+    """MiniMind2-V's placeholder is the ordinary '@' token, so a text '@' is the pad id too. It is
+    not part of an image: the cut still backs up to the image's start, and it is not counted."""
+    P = 3                                    # images of 4 placeholders, a lone '@' in the text first
+    ids = [7, P, 8, P, P, P, P, 9, P, P, P, P, 10]
+    for max_length, keep, images in ((5, 3, 0), (9, 8, 1), (12, 12, 2), (2, 2, 0)):
+        assert truncate(ids, [False] * 13, max_length, P, 4) == (ids[:keep], [False] * keep, images), max_length
+    assert truncate([P, 5, P, P], [False] * 4, 10, P, 2)[2] == 1                 # not cut: one run of two
+    assert truncate([P, P, P, 5], [False] * 4, 10, P, 2)[2] == 1                 # greedy: a run, then a stray
+
+
 def test_collate(shapes, tok):
     ds = VLMDataset(shapes / "sft_test.jsonl", shapes / "images", tok, 256, num_patches=9, image_size=48)
     text_only = {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([IGNORE, 6]),
