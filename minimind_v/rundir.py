@@ -102,9 +102,10 @@ def model_from_config(info: dict):
     return MiniMindVLM(VLMConfig(**info["model_config"]))
 
 
-def load_model(ckpt_dir, device="cpu"):
-    """A checkpoint directory -> (model in eval mode, config.json contents)."""
-    info = read_config(ckpt_dir)
+def load_model(ckpt_dir, device="cpu", info: dict | None = None):
+    """A checkpoint directory -> (model in eval mode, config.json contents); `info`: the contents
+    already read (so the weights are built from the same config that was checked)."""
+    info = read_config(ckpt_dir) if info is None else info
     model = model_from_config(info)
     weights = load_weights(ckpt_dir)
     match_projection(model, weights)
@@ -138,7 +139,7 @@ def load_chat_model(ckpt_dir, device="cpu"):
     tok_path = tokenizer_file(ckpt_dir, info)
     tok = load_tokenizer(tok_path, label_newline=info.get("label_newline"))
     check_tokenizer_fits(tok, info["model_config"], tok_path)     # before the weights are read
-    model, info = load_model(ckpt_dir, device)
+    model, info = load_model(ckpt_dir, device, info)
     model.run_info = info                   # how it wants its pictures and prompts (chat.image_settings)
     return model, tok, info
 
