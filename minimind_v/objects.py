@@ -203,14 +203,11 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
 
 def add_parser(sub) -> None:
     """`minimind-v data objects ...` (registered by `synthetic.cli`)."""
+    from .synthetic import dataset_options
+
     s = sub.add_parser("objects", help="write the held-out objects dataset (Sort-of-CLEVR style relations)")
-    s.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    s.add_argument("--train", type=int, default=4000, help="training pictures")
-    s.add_argument("--test", type=int, default=500, help="held-out pictures")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=75, help="pixels per side")
+    dataset_options(s, image_size=75)
     s.add_argument("--objects", type=int, default=6, help="objects per picture (2..6)")
-    s.add_argument("--overwrite", action="store_true")
 
 
 def run(args) -> int:

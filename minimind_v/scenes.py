@@ -163,16 +163,13 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
 
 def add_parser(sub) -> None:
     """`minimind-v data scenes ...` (registered by `synthetic.cli`)."""
+    from .synthetic import dataset_options
+
     s = sub.add_parser("scenes", help="write the glyph-board dataset (relations, counting, yes/no)")
-    s.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    s.add_argument("--train", type=int, default=4000, help="training pictures")
-    s.add_argument("--test", type=int, default=500, help="held-out pictures")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=64, help="pixels per side")
+    dataset_options(s, image_size=64)
     s.add_argument("--grid", type=int, default=4, help="cells per side")
     s.add_argument("--glyphs", default="digits", choices=tuple(GLYPHS))
     s.add_argument("--background", default="light", choices=("light", "dark"))
-    s.add_argument("--overwrite", action="store_true")
 
 
 def run(args) -> int:

@@ -179,18 +179,23 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
                          meta, overwrite)
 
 
+def dataset_options(s, image_size: int, size_help: str = "pixels per side") -> None:
+    """The options every `minimind-v data` generator takes (its own follow)."""
+    s.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    s.add_argument("--train", type=int, default=4000, help="training pictures")
+    s.add_argument("--test", type=int, default=500, help="held-out pictures")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=image_size, help=size_help)
+    s.add_argument("--overwrite", action="store_true")
+
+
 def cli(argv: list[str]) -> int:
     """`minimind-v data synth|scenes|objects --out DIR [--train N] [--test N] [--seed S] [--image-size PX]`"""
     parser = argparse.ArgumentParser(prog="minimind-v data", description="generated datasets")
     sub = parser.add_subparsers(dest="action", required=True)
     s = sub.add_parser("synth", help="write the shapes dataset (images + pretrain/SFT JSONL, train/test)")
-    s.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    s.add_argument("--train", type=int, default=4000, help="training pictures")
-    s.add_argument("--test", type=int, default=500, help="held-out pictures")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=48, help="pixels (a multiple of 3)")
+    dataset_options(s, image_size=48, size_help="pixels (a multiple of 3)")
     s.add_argument("--questions-per-image", type=int, default=1)
-    s.add_argument("--overwrite", action="store_true")
     from . import objects, scenes
     scenes.add_parser(sub)
     objects.add_parser(sub)
