@@ -58,3 +58,13 @@ def write_dataset(out_dir, splits: dict, sample, meta: dict, overwrite: bool = F
                     fs.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in asked)
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
     return Path(out_dir)
+
+
+def dataset_options(s, image_size: int, size_help: str = "pixels per side") -> None:
+    """The options every `minimind-v data` generator takes (its own follow)."""
+    s.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    s.add_argument("--train", type=int, default=4000, help="training pictures")
+    s.add_argument("--test", type=int, default=500, help="held-out pictures")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=image_size, help=size_help)
+    s.add_argument("--overwrite", action="store_true")

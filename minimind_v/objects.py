@@ -203,7 +203,7 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
 
 def add_parser(sub) -> None:
     """`minimind-v data objects ...` (registered by `synthetic.cli`)."""
-    from .synthetic import dataset_options
+    from .atomic_dir import dataset_options
 
     s = sub.add_parser("objects", help="write the held-out objects dataset (Sort-of-CLEVR style relations)")
     dataset_options(s, image_size=75)

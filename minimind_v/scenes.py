@@ -163,7 +163,7 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
 
 def add_parser(sub) -> None:
     """`minimind-v data scenes ...` (registered by `synthetic.cli`)."""
-    from .synthetic import dataset_options
+    from .atomic_dir import dataset_options
 
     s = sub.add_parser("scenes", help="write the glyph-board dataset (relations, counting, yes/no)")
     dataset_options(s, image_size=64)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .atomic_dir import write_dataset
+from .atomic_dir import dataset_options, write_dataset
 
 # English name -> Chinese name (and RGB for colours)
 KINDS = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "diamond": "菱形"}
@@ -177,16 +177,6 @@ def make_dataset(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: 
     return write_dataset(out_dir, {"train": n_train, "test": n_test},
                          lambda split, i: make_sample(seed, split, i, image_size, questions_per_image),
                          meta, overwrite)
-
-
-def dataset_options(s, image_size: int, size_help: str = "pixels per side") -> None:
-    """The options every `minimind-v data` generator takes (its own follow)."""
-    s.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    s.add_argument("--train", type=int, default=4000, help="training pictures")
-    s.add_argument("--test", type=int, default=500, help="held-out pictures")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=image_size, help=size_help)
-    s.add_argument("--overwrite", action="store_true")
 
 
 def cli(argv: list[str]) -> int:
