@@ -62,6 +62,7 @@ from PIL import Image
 
 from .image import BadImage, open_image, read_pixels
 from .lm import IGNORE  # noqa: F401  (-100: the label of every token the loss skips; data.IGNORE)
+from .splice import runs_of_one_id
 from .tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS
 
 SHOWN_SKIPS = 5  # skipped records quoted in summary()
@@ -161,32 +162,20 @@ def load_image(path: Path, source, lineno: int, data: bytes | None = None, row: 
 
 
 # ---------------------------------------------------------------------- ids and labels
-def image_runs(ids: list[int], image_pad_id: int, num_patches: int) -> list[int]:
-    """Where the image runs start: `num_patches` consecutive `image_pad_id`s, taken greedily left
-    to right without overlap (the rule `splice` follows). A stray pad id in the text (MiniMind2-V's
-    placeholder is the ordinary '@' token) is not part of a run."""
-    starts, i, n = [], 0, len(ids)
-    while i + num_patches <= n:
-        if ids[i] == image_pad_id and all(t == image_pad_id for t in ids[i:i + num_patches]):
-            starts.append(i)
-            i += num_patches
-        else:
-            i += 1
-    return starts
-
-
 def truncate(ids: list[int], target: list[bool], max_length: int, image_pad_id: int,
              num_patches: int) -> tuple[list[int], list[bool], int]:
-    """Cut to `max_length` without splitting an image run -> (ids, target, images kept)."""
-    runs = image_runs(ids, image_pad_id, num_patches)
-    cut = len(ids)
-    if cut > max_length:
-        cut = max_length
-        for s in runs:
-            if s < cut < s + num_patches:             # the cut falls inside this image: back up before it
-                cut = s
-        ids, target = ids[:cut], target[:cut]
-    return ids, target, sum(s + num_patches <= cut for s in runs)
+    """Cut to `max_length` without splitting an image run -> (ids, target, images kept).
+
+    The runs are the splice's (`splice.runs_of_one_id`: greedy, left to right, no overlap), so a
+    stray pad id in the text (MiniMind2-V's placeholder is the ordinary '@' token) is no image."""
+    runs = []
+    if len(ids) >= num_patches:
+        runs = runs_of_one_id(torch.tensor([ids]), image_pad_id, num_patches)[0].nonzero()[:, 0].tolist()
+    cut = min(len(ids), max_length)
+    for s in runs:
+        if s < cut < s + num_patches:                 # the cut falls inside this image: back up before it
+            cut = s
+    return ids[:cut], target[:cut], sum(s + num_patches <= cut for s in runs)
 
 
 def encode_sample(tokenizer, messages: list[dict], max_length: int,
