@@ -3,6 +3,7 @@
 Where it sits: under the dataset generators (`synthetic.py`, `scenes.py`, `objects.py`), whose output folder is
 either absent or complete, never half-written (a killed run leaves only a hidden temp folder,
 which the next run removes). `checkpoint.atomic_save` does the same for single files.
+It also holds the command-line options those generators share (`dataset_options`).
 """
 from __future__ import annotations
 
