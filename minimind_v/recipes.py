@@ -133,8 +133,8 @@ def apply_init(model, init: ModelInit, fresh_lm: bool = True, fresh_vision: bool
 
 # ----------------------------------------------------------------------------- small model configs
 PRESETS = {    # LM hidden/layers, ViT hidden/layers; heads = hidden / 32 (>= 2), kv heads = half; the ViT stem
-    "small": dict(hidden=128, layers=2, vision_hidden=128, vision_layers=1, stem="both"),
-    "tiny": dict(hidden=32, layers=2, vision_hidden=32, vision_layers=1, stem="patch"),   # smoke: a pipeline check
+    "small": dict(hidden=128, layers=2, vision_hidden=128, vision_layers=1, stem="both", stem_channels=64),
+    "tiny": dict(hidden=32, layers=2, vision_hidden=32, vision_layers=1, stem="patch", stem_channels=64),   # smoke: a pipeline check
 }
 
 
@@ -149,8 +149,8 @@ def pick_patch_size(image_size: int) -> int:
 
 def model_config(vocab_size: int, image_pad_id: int, image_size: int = 48, preset: str = "small",
                  patch_size: int | None = None, max_seq_len: int = 256, projector: str = "linear",
-                 stem: str | None = None) -> VLMConfig:
-    """A small VLMConfig for a tokenizer and an image size; `stem` None takes the preset's."""
+                 stem: str | None = None, stem_channels: int | None = None) -> VLMConfig:
+    """A small VLMConfig for a tokenizer and an image size; `stem`/`stem_channels` None take the preset's."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     s = PRESETS[preset]
@@ -164,7 +164,8 @@ def model_config(vocab_size: int, image_pad_id: int, image_size: int = 48, prese
                     num_kv_heads=heads // 2, max_seq_len=max(max_seq_len, n_patches + 128)),
         vision=VisionConfig(image_size=image_size, patch_size=patch, hidden_size=s["vision_hidden"],
                             num_layers=s["vision_layers"], num_heads=v_heads,
-                            intermediate_size=4 * s["vision_hidden"], stem=stem or s["stem"]),
+                            intermediate_size=4 * s["vision_hidden"], stem=stem or s["stem"],
+                            stem_channels=stem_channels or s["stem_channels"]),
         image_pad_id=image_pad_id, num_patches=n_patches, projector=projector)
 
 
@@ -186,11 +187,14 @@ def cli_model_config(argv: list[str]) -> int:
                    help="patch: CLIP's stride-p convolution; conv: a 5x5 convolution with the max over each "
                         "patch, for objects that fall anywhere inside (or across) the patches; both (the small "
                         "preset's): the two summed")
+    p.add_argument("--stem-channels", type=int,
+                   help="the conv stem's feature maps (default 64); more keep more of each shape, and cost "
+                        "encoder time (once, with the feature cache)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     tok = Tokenizer(a.tokenizer)
     cfg = model_config(len(tok), tok.image_pad_id, a.image_size, a.preset, a.patch_size, a.max_seq_len, a.projector,
-                       a.stem)
+                       a.stem, a.stem_channels)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(cfg.to_dict(), indent=2))
     print(f"wrote {a.out}: LM hidden {cfg.lm.hidden_size} x {cfg.lm.num_layers} layers, vocab {cfg.lm.vocab_size}; "

@@ -75,6 +75,12 @@ def test_model_config_command(tmp_path, capsys):
                  "--stem", "conv", "--out", str(tmp_path / "conv.json")]) == 0
     conv = VLMConfig(**json.loads((tmp_path / "conv.json").read_text()))
     assert conv.vision.stem == "conv" and MiniMindVLM(conv).vision_encoder.stem is not None
+    assert conv.vision.stem_channels == 64                                 # the preset's
+    assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "64",
+                 "--stem", "conv", "--stem-channels", "256", "--out", str(tmp_path / "c256.json")]) == 0
+    c256 = VLMConfig(**json.loads((tmp_path / "c256.json").read_text()))
+    assert c256.vision.stem_channels == 256
+    assert MiniMindVLM(c256).vision_encoder.stem.conv.weight.shape == (256, 3, 5, 5)
     assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "64",
                  "--stem", "patch", "--out", str(tmp_path / "patch.json")]) == 0          # CLIP's, when asked
     assert json.loads((tmp_path / "patch.json").read_text())["vision"]["stem"] == "patch"
