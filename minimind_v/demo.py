@@ -43,7 +43,7 @@ import torch
 
 from .config import VLMConfig
 from .lm import count_parameters
-from .recipes import ModelInit, apply_init, get, model_config, resolve
+from .recipes import ModelInit, apply_init, get, init_for, model_config, resolve
 from .rundir import write_config
 from .train import TrainConfig, native_bf16, train
 
@@ -110,7 +110,7 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
     cfg = demo_config(len(tok), tok.image_pad_id, recipe)
     torch.manual_seed(seed)
     model = MiniMindVLM(cfg)
-    init, _ = resolve(ModelInit, dict(recipe.init), {})
+    init, _ = resolve(ModelInit, init_for(recipe, cfg.vision.stem), {})
     apply_init(model, init, log=lambda m: None)
     n_lm = count_parameters(model.lm)
     n_all = count_parameters(model)

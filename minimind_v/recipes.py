@@ -9,21 +9,25 @@ barely looks at the picture. A recipe is those numbers with a name:
     minimind-v model-config --tokenizer tok.model --image-size 64 --out cfg.json     # a small model
     minimind-v train --stage sft --recipe from-scratch-small --model-config cfg.json ...
 
-What `from-scratch-small` sets, and why (lesson 10 has the runs):
+What `from-scratch-small` sets, and why (`benchmarks/tuning.md` has the runs):
 - the vision encoder: a frozen *random* one-layer ViT (no --clip needed). A fixed random
   feature map still tells colours and shapes apart; one layer, because each random attention
-  layer mixes the patches at random. Its position embeddings are scaled x10 (`pos_scale`): as
-  initialised they are ~6x weaker than a patch's content, so a patch vector barely says where
-  it sits. The `small` preset gives it the "both" stem (`vision.patch_tokens`): CLIP's stride-p patch
-  vectors plus a small convolution's maxima over each patch, so a shape that falls anywhere
-  inside a patch still gives the same part of its vector (the demo, one shape centred in each
-  patch, keeps the patch stem);
+  layer mixes the patches at random. The `small` preset gives it the "conv" stem
+  (`vision.ConvStem`, 256 feature maps): a 5x5 convolution at every pixel and the maximum over
+  each patch, so a shape that falls anywhere inside a patch gives the same vector (CLIP's
+  stride-p patch convolution sees it through different random weights at each offset);
+- the ViT's position embeddings, scaled by stem (`pos_scale`): x1 (as drawn) for the conv stem,
+  x3 for "both", x10 for CLIP's patch stem. The LM's RoPE already tells each image token's place
+  in the sequence, so a conv-stem model needs no help to say where a patch sits (x0 and x1 both
+  read "is it in the top half" at 96%), and at x10 the positions swamp the shapes. The patch
+  stem's vectors do need them: the demo (one shape centred in each of 9 patches, patch stem) and
+  the glyph boards were tuned at x10;
 - the LM's embeddings drawn with std 0.1 (`embed_std`) instead of 0.02: the output matrix is tied
   to them, and at 0.02 no logit of a hidden-128 model can exceed ~2.6, too flat to be confident;
 - what trains: the LM and the projector; lr 1e-3, no warmup, batch 64, 4000 steps for SFT
   (120 for a caption pretraining); the encoder's features cached once (`feature_cache`). At 2e-3
   (the demo's first setting) several freely placed objects were never looked up; at 1e-3 they
-  are, and the demo still learns its pictures well before step 4000 (README: the runs).
+  are, and the demo still learns its pictures well before step 4000.
 An explicit option always wins over the recipe (`resolve` says where each value came from).
 The init settings touch only weights that start random: not an --init checkpoint's, not --clip's.
 """
@@ -54,28 +58,36 @@ class ModelInit:
 class Recipe:
     name: str
     summary: str
-    init: dict                    # ModelInit fields
+    init: dict                    # ModelInit fields; a dict value is per vision stem (`init_for`)
     stages: dict                  # stage -> TrainConfig fields
     preset: str                   # the `model-config` preset it was made for
 
 
+POS_SCALE = {"conv": 1.0, "both": 3.0, "patch": 10.0}   # by vision stem: the docstring says why
 _COMMON = dict(lr=1e-3, batch_size=64, warmup_steps=0, feature_cache=True, epochs=10 ** 6, log_every=100)
 RECIPES = {
     "from-scratch-small": Recipe(
         "from-scratch-small",
         "a small model from scratch on a small VQA set, CPU minutes: frozen random 1-layer ViT "
-        "(positions x10), embeddings std 0.1, LM + projector learn, lr 1e-3, batch 64, 4000 SFT steps",
-        init=dict(pos_scale=10.0, embed_std=0.1),
+        "(positions x1 with the conv stem, x10 with CLIP's patch stem), embeddings std 0.1, "
+        "LM + projector learn, lr 1e-3, batch 64, 4000 SFT steps",
+        init=dict(pos_scale=POS_SCALE, embed_std=0.1),
         stages={"pretrain": dict(_COMMON, max_steps=120),
                 "sft": dict(_COMMON, max_steps=4000, trainable=("lm", "projector"))},
         preset="small"),
     "smoke": Recipe(
         "smoke", "the same in seconds, to check a pipeline (learns little): batch 16, 4 + 12 steps",
-        init=dict(pos_scale=10.0, embed_std=0.1),
+        init=dict(pos_scale=POS_SCALE, embed_std=0.1),
         stages={"pretrain": dict(_COMMON, batch_size=16, max_steps=4, log_every=4),
                 "sft": dict(_COMMON, batch_size=16, max_steps=12, log_every=4, trainable=("lm", "projector"))},
         preset="tiny"),
 }
+
+
+def init_for(recipe: Recipe, stem: str) -> dict:
+    """The recipe's ModelInit values for a model whose ViT has this stem: a per-stem value (a dict,
+    such as `pos_scale`'s) is picked for it."""
+    return {k: v[stem] if isinstance(v, dict) else v for k, v in recipe.init.items()}
 
 
 def get(name: str) -> Recipe:
@@ -108,10 +120,11 @@ def settings_from_args(args, train_config_cls, recipe: Recipe | None, cfg, log=p
     if recipe is not None:
         from_recipe["max_length"] = cfg.lm.max_seq_len                       # what the small model can hold
     tcfg, sources = resolve(train_config_cls, from_recipe, given)
-    init, init_sources = resolve(ModelInit, dict(recipe.init) if recipe else {},
+    init, init_sources = resolve(ModelInit, init_for(recipe, cfg.vision.stem) if recipe else {},
                                  {k: getattr(args, k) for k in names(ModelInit) if getattr(args, k, None) is not None})
     if recipe is not None or "option" in init_sources.values():
-        log(f"settings ({'recipe ' + recipe.name if recipe else 'no recipe'}; explicit options win):")
+        log(f"settings ({'recipe ' + recipe.name if recipe else 'no recipe'}, {cfg.vision.stem} vision stem; "
+            "explicit options win):")
         shown = [k for k in names(train_config_cls) if sources[k] != "default"] + ["epochs", "max_length"]
         log(describe(tcfg, sources, list(dict.fromkeys(shown)) if recipe else None))
         log(describe(init, init_sources))
@@ -133,7 +146,7 @@ def apply_init(model, init: ModelInit, fresh_lm: bool = True, fresh_vision: bool
 
 # ----------------------------------------------------------------------------- small model configs
 PRESETS = {    # LM hidden/layers, ViT hidden/layers; heads = hidden / 32 (>= 2), kv heads = half; the ViT stem
-    "small": dict(hidden=128, layers=2, vision_hidden=128, vision_layers=1, stem="both", stem_channels=64),
+    "small": dict(hidden=128, layers=2, vision_hidden=128, vision_layers=1, stem="conv", stem_channels=256),
     "tiny": dict(hidden=32, layers=2, vision_hidden=32, vision_layers=1, stem="patch", stem_channels=64),   # smoke: a pipeline check
 }
 
@@ -184,11 +197,12 @@ def cli_model_config(argv: list[str]) -> int:
                    help="linear: one Linear (MiniMind2-V); mlp: LayerNorm -> Linear -> GELU -> Linear, a "
                         "nonlinear read of each patch vector (minimind-3v's kind)")
     p.add_argument("--stem", choices=STEMS,
-                   help="patch: CLIP's stride-p convolution; conv: a 5x5 convolution with the max over each "
-                        "patch, for objects that fall anywhere inside (or across) the patches; both (the small "
-                        "preset's): the two summed")
+                   help="conv (the small preset's): a 5x5 convolution with the max over each patch, for "
+                        "objects that fall anywhere inside (or across) the patches; patch: CLIP's stride-p "
+                        "convolution; both: the two summed. from-scratch-small scales the ViT's positions "
+                        "by stem: conv x1, both x3, patch x10")
     p.add_argument("--stem-channels", type=int,
-                   help="the conv stem's feature maps (default 64); more keep more of each shape, and cost "
+                   help="the conv stem's feature maps (the small preset's: 256); more keep more of each shape, and cost "
                         "encoder time (once, with the feature cache)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)

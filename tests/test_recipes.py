@@ -9,7 +9,7 @@ import torch
 
 from minimind_v.cli import main
 from minimind_v.config import VLMConfig
-from minimind_v.recipes import RECIPES, ModelInit, apply_init, model_config, pick_patch_size, resolve
+from minimind_v.recipes import RECIPES, ModelInit, apply_init, init_for, model_config, pick_patch_size, resolve
 from minimind_v.synthetic import make_dataset
 from minimind_v.train import TrainConfig
 from minimind_v.vlm import MiniMindVLM
@@ -70,17 +70,13 @@ def test_model_config_command(tmp_path, capsys):
     assert mlp.projector == "mlp" and mlp.num_patches == 16
     layers = MiniMindVLM(mlp).vision_proj.vision_proj
     assert [type(m).__name__ for m in layers] == ["LayerNorm", "Linear", "GELU", "Linear"]
-    assert cfg.vision.stem == "both" and MiniMindVLM(cfg).vision_encoder.stem.proj is not None   # the preset's
+    assert (cfg.vision.stem, cfg.vision.stem_channels) == ("conv", 256)   # the preset's
+    assert MiniMindVLM(cfg).vision_encoder.stem.conv.weight.shape == (256, 3, 5, 5)
     assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "64",
-                 "--stem", "conv", "--out", str(tmp_path / "conv.json")]) == 0
-    conv = VLMConfig(**json.loads((tmp_path / "conv.json").read_text()))
-    assert conv.vision.stem == "conv" and MiniMindVLM(conv).vision_encoder.stem is not None
-    assert conv.vision.stem_channels == 64                                 # the preset's
-    assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "64",
-                 "--stem", "conv", "--stem-channels", "256", "--out", str(tmp_path / "c256.json")]) == 0
-    c256 = VLMConfig(**json.loads((tmp_path / "c256.json").read_text()))
-    assert c256.vision.stem_channels == 256
-    assert MiniMindVLM(c256).vision_encoder.stem.conv.weight.shape == (256, 3, 5, 5)
+                 "--stem", "both", "--stem-channels", "32", "--out", str(tmp_path / "both.json")]) == 0
+    both = VLMConfig(**json.loads((tmp_path / "both.json").read_text()))
+    assert (both.vision.stem, both.vision.stem_channels) == ("both", 32)
+    assert MiniMindVLM(both).vision_encoder.stem.proj.weight.shape == (128, 32, 1, 1)
     assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--image-size", "64",
                  "--stem", "patch", "--out", str(tmp_path / "patch.json")]) == 0          # CLIP's, when asked
     assert json.loads((tmp_path / "patch.json").read_text())["vision"]["stem"] == "patch"
@@ -98,6 +94,29 @@ def test_the_demo_model_is_the_recipes_preset():
     assert (v.image_size, v.patch_size, v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size) == \
            (48, 16, 128, 1, 4, 512)
     assert cfg.num_patches == 9 and v.stem == "patch" and cfg.projector == "linear"
+    # and its initialisation: the patch stem's x10 positions, as its seven seeds were measured
+    assert init_for(RECIPES["from-scratch-small"], v.stem) == {"pos_scale": 10.0, "embed_std": 0.1}
+
+
+def test_the_recipe_scales_positions_by_the_models_stem(tmp_path, capsys):
+    """A conv-stem model (model-config's default) keeps its positions as drawn (x1); the patch
+    stem's get x10: `train` picks the recipe's value for the --model-config it is given."""
+    data = make_dataset(tmp_path / "d", 16, 2, seed=0)
+    assert main(["tokenizer", "train", str(data / "sft_train.jsonl"), "--out", str(tmp_path / "t"),
+                 "--vocab-size", "400"]) == 0
+    for stem, scale in (("conv", 1.0), ("patch", 10.0), ("both", 3.0)):
+        cfg_path = tmp_path / f"{stem}.json"
+        assert main(["model-config", "--tokenizer", str(tmp_path / "t.model"), "--preset", "tiny",
+                     "--stem", stem, "--stem-channels", "8", "--out", str(cfg_path)]) == 0
+        capsys.readouterr()
+        assert main(["train", "--stage", "sft", "--recipe", "smoke", "--model-config", str(cfg_path),
+                     "--data", str(data / "sft_train.jsonl"), "--images", str(data / "images"),
+                     "--tokenizer", str(tmp_path / "t.model"), "--out", str(tmp_path / stem),
+                     "--max-steps", "1"]) == 0
+        out = capsys.readouterr().out
+        assert f"{stem} vision stem" in out and f"pos_scale = {scale}  (recipe)" in out
+        info = json.loads((tmp_path / stem / "config.json").read_text())
+        assert info["model_init"]["pos_scale"] == scale
 
 
 def test_train_cli_prints_the_effective_settings(tmp_path, capsys):
