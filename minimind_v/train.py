@@ -418,6 +418,8 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
         rows = read_metrics(metrics_path)
         draw_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows], out_dir / LOSS_PNG,
                         f"{tcfg.stage} loss")
+    if world > 1:
+        dist.barrier()          # every rank returns once rank 0's weights and plot are on disk, and together
     log(f"{'stopped' if result.stopped_early else 'done'} at step {step}/{total} in {result.seconds:.1f}s"
         f" -> {out_dir}")
     return result
