@@ -72,9 +72,18 @@ class Block(nn.Module):
         self.ffn = MoEFeedForward(cfg) if cfg.use_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size,
                                                                   cfg.dropout)
 
-    def forward(self, h, cos, sin, mask, kv_cache=None):
+    def forward(self, h, cos, sin, mask, kv_cache=None, rows=None):
+        """h (B, T, D) -> (B, T, D). rows (K,) flat positions (row-major over B*T): return only their
+        outputs (K, D). Attention still reads every position (keys and values, and the cache), but
+        the FFN after it runs on the K rows alone: the model's last block does this when only a few
+        positions reach the loss (`MiniMindLM.forward_embeds`)."""
         h = h + self.attn(self.attn_norm(h), cos, sin, mask, kv_cache)   # (B, T, D)
+        if rows is not None:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, rows)          # (K, D)
         return h + self.ffn(self.ffn_norm(h))
+
+
+_BLOCK_FORWARD = Block.forward   # the block that knows `rows`; another (a lesson's, a variant) runs in full
 
 
 class MiniMindLM(nn.Module):
@@ -120,7 +129,10 @@ class MiniMindLM(nn.Module):
         taken (the answer tokens of SFT: a few of every row), and the head (D x V) is one of the
         biggest matrices, so this skips most of its work. logits_at may also be the flat indices
         (K,) int64 of those positions (`logits_at.flatten().nonzero()[:, 0]`): the same rows, but a
-        gather `torch.compile` can trace (a boolean index has a data-dependent size).
+        gather `torch.compile` can trace (a boolean index has a data-dependent size). The last block
+        then runs its FFN on those K rows only (its attention still reads every position): nothing
+        above it reads the other rows. In a 2-layer model with a few answer tokens per row that is
+        ~40% of the work of a training step.
         head=False returns the final-normed hidden states (B, T, D) or (K, D) instead of logits,
         for `chunked_lm_loss`.
         """
@@ -133,15 +145,20 @@ class MiniMindLM(nn.Module):
         sin = self.rope_sin[past:past + T].to(h.dtype)
         # (B, 1, T, S) with padding; None = plain causal (each layer builds/uses it as it prefers)
         mask = None if attention_mask is None else build_mask(T, past + T, attention_mask, h.device)
+        rows = None                                                     # (K,) flat positions
+        if logits_at is not None:
+            rows = logits_at.flatten().nonzero()[:, 0] if logits_at.dtype == torch.bool else logits_at
         h = self.dropout(h)
-        for block in self.layers:
-            h = block(h, cos, sin, mask, kv_cache)
+        for i, block in enumerate(self.layers):
+            if rows is not None and i == len(self.layers) - 1 and type(block).forward is _BLOCK_FORWARD \
+                    and not self.cfg.use_moe:
+                h = block(h, cos, sin, mask, kv_cache, rows=rows)       # (K, D): its FFN on K rows only
+            else:
+                h = block(h, cos, sin, mask, kv_cache)                  # (B, T, D)
         if self.cfg.use_moe:                                            # 0 in eval mode, as upstream
             self.aux_loss = sum(block.ffn.aux_loss for block in self.layers)
-        if logits_at is not None and logits_at.dtype == torch.bool:
-            h = h[logits_at]                                            # (K, D)
-        elif logits_at is not None:
-            h = h.reshape(B * T, -1).index_select(0, logits_at)        # (K, D)
+        if rows is not None and h.dim() == 3:
+            h = h.reshape(B * T, -1).index_select(0, rows)              # (K, D)
         h = self.norm(h)
         return self.lm_head(h) if head else h                           # (B, T, V) or (K, V)
 

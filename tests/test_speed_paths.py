@@ -6,6 +6,8 @@
 - `chunked_lm_loss(model, ids, labels)` equals `lm_loss(model(ids), labels)` with the model's gradients.
 - `logits_at` given as flat int64 indices equals the boolean mask, and the model traces without a
   graph break under `torch.compile(fullgraph=True)`.
+- With `logits_at`, the last block's FFN runs on those rows only, with the full forward's logits and
+  gradients (padding, a KV cache); a block class of its own (a lesson's, a variant) runs in full.
 - The fused AdamW that `train.py` uses follows the plain for-loop AdamW.
 """
 from __future__ import annotations
@@ -110,6 +112,65 @@ def test_logits_at_indices_equal_the_boolean_mask_and_compile_fullgraph():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(ids, logits_at=index), by_mask, rtol=1e-6, atol=1e-6)
     torch._dynamo.reset()
+
+
+def _rows_case(seed=0):
+    torch.manual_seed(seed)
+    model = MiniMindLM(LMConfig(**TINY)).double()
+    ids = torch.randint(0, 101, (3, 14))
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:8] = ids[0, 4:8]
+    labels[1, 12:] = ids[1, 12:]
+    labels[2, 1] = ids[2, 1]
+    return model, ids, labels
+
+
+def test_the_last_block_runs_its_ffn_on_the_loss_rows_only():
+    model, ids, labels = _rows_case()
+    mask, targets = loss_positions(labels)
+    seen = []
+    for block in model.layers:
+        block.ffn.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    logits = model(ids, logits_at=mask)                          # (K, V), K = 4 + 2 + 1
+    assert seen == [(3, 14, 64), (7, 64)]                        # the last FFN saw the 7 rows alone
+    full = model(ids)                                            # (B, T, V), every block in full
+    torch.testing.assert_close(logits, full[mask], rtol=1e-12, atol=1e-12)
+    params = list(model.parameters())
+    g_rows = torch.autograd.grad(F.cross_entropy(logits, targets), params)
+    g_full = torch.autograd.grad(F.cross_entropy(full[mask], targets), params)   # lm_loss in float64
+    for a, b in zip(g_rows, g_full):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_rows_path_keeps_padding_and_the_kv_cache():
+    from minimind_v.attention import KVCache
+    model, ids, _ = _rows_case()
+    pad = torch.ones_like(ids)
+    pad[1, :3] = 0                                               # a left-padded row
+    last = torch.tensor([13, 27, 41])                            # each row's last position
+    with torch.no_grad():
+        cache_rows, cache_full = KVCache(), KVCache()
+        by_rows = model(ids, kv_cache=cache_rows, attention_mask=pad, logits_at=last)
+        full = model(ids, kv_cache=cache_full, attention_mask=pad)
+        torch.testing.assert_close(by_rows, full.reshape(42, -1)[last], rtol=1e-12, atol=1e-12)
+        for a, b in zip(cache_rows.keys + cache_rows.values, cache_full.keys + cache_full.values):
+            torch.testing.assert_close(a[:, :14], b[:, :14], rtol=0, atol=0)     # every position cached
+
+
+def test_a_block_of_its_own_runs_in_full_before_the_rows_are_taken():
+    from minimind_v import lm
+
+    class PostNorm(lm.Block):                                    # a variant: forward of its own
+        def forward(self, h, cos, sin, mask, kv_cache=None):
+            h = self.attn_norm(h + self.attn(h, cos, sin, mask, kv_cache))
+            return self.ffn_norm(h + self.ffn(h))
+
+    model, ids, labels = _rows_case()
+    mask, _ = loss_positions(labels)
+    cfg = model.cfg
+    model.layers = torch.nn.ModuleList(PostNorm(cfg, i) for i in range(cfg.num_layers)).double()
+    torch.testing.assert_close(model(ids, logits_at=mask), model(ids)[mask], rtol=1e-12, atol=1e-12)
 
 
 def test_fused_adamw_follows_the_for_loop_adamw():
