@@ -52,6 +52,7 @@ many of each and shows the first few with their reasons.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -62,7 +63,6 @@ from PIL import Image
 
 from .image import BadImage, open_image, read_pixels
 from .lm import IGNORE  # noqa: F401  (-100: the label of every token the loss skips; data.IGNORE)
-from .splice import runs_of_one_id
 from .tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS
 
 SHOWN_SKIPS = 5  # skipped records quoted in summary()
@@ -152,6 +152,27 @@ def parse_record(line: str, path, lineno: int, image_root: Path) -> tuple[list[d
     return messages, [image_root / n for n in names], extra
 
 
+_CHECKED: set[tuple] = set()   # (path, size, mtime) of picture files this process decoded without a problem
+
+
+def check_image_file(path: Path, source, lineno: int) -> None:
+    """Decode a picture file once to be sure it reads (BadRecord naming it and the record otherwise).
+
+    A file already decoded by this process, unchanged since (same size and modification time), is
+    not decoded again: the demo's caption and question sets share their pictures, and `eval` reads
+    the same files as `train`."""
+    try:
+        st = os.stat(path)
+        key = (str(path), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None                                  # missing or unreadable: load_image says which
+    if key is not None and key in _CHECKED:
+        return
+    load_image(path, source, lineno)
+    if key is not None:
+        _CHECKED.add(key)
+
+
 def load_image(path: Path, source, lineno: int, data: bytes | None = None, row: bool = False) -> Image.Image:
     """Open and fully decode a picture (`image.open_image`), or BadRecord naming it and the record that uses it."""
     try:
@@ -162,15 +183,30 @@ def load_image(path: Path, source, lineno: int, data: bytes | None = None, row: 
 
 
 # ---------------------------------------------------------------------- ids and labels
+def image_run_starts(ids: list[int], pad_id: int, L: int) -> list[int]:
+    """Where the image runs of one row start: `splice.runs_of_one_id` for a plain list, in Python
+    (a tensor per record costs more than the scan). Every block of consecutive placeholders is cut
+    into runs of L from its first position; a remainder shorter than L is no image."""
+    starts, i, n = [], 0, len(ids)
+    while i < n:
+        if ids[i] != pad_id:
+            i += 1
+            continue
+        j = i
+        while j < n and ids[j] == pad_id:
+            j += 1
+        starts.extend(range(i, j - L + 1, L))       # block [i, j): runs at i, i+L, ... ending by j
+        i = j
+    return starts
+
+
 def truncate(ids: list[int], target: list[bool], max_length: int, image_pad_id: int,
              num_patches: int) -> tuple[list[int], list[bool], int]:
     """Cut to `max_length` without splitting an image run -> (ids, target, images kept).
 
-    The runs are the splice's (`splice.runs_of_one_id`: greedy, left to right, no overlap), so a
+    The runs are the splice's (`image_run_starts`: greedy, left to right, no overlap), so a
     stray pad id in the text (MiniMind2-V's placeholder is the ordinary '@' token) is no image."""
-    runs = []
-    if len(ids) >= num_patches:
-        runs = runs_of_one_id(torch.tensor([ids]), image_pad_id, num_patches)[0].nonzero()[:, 0].tolist()
+    runs = image_run_starts(ids, image_pad_id, num_patches)
     cut = min(len(ids), max_length)
     for s in runs:
         if s < cut < s + num_patches:                 # the cut falls inside this image: back up before it
@@ -247,7 +283,7 @@ class VLMDataset(torch.utils.data.Dataset):
                     messages, images, extra = parse_record(line, self.path, lineno, self.image_root)
                     for p in images:      # decode each picture once up front: fail now, not mid-epoch
                         if self.check_images and p not in checked:
-                            load_image(p, self.path, lineno)
+                            check_image_file(p, self.path, lineno)
                             checked.add(p)
                 except BadRecord as e:
                     self._skip(e)

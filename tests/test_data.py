@@ -156,6 +156,35 @@ def test_truncation_ignores_a_stray_pad_id_in_the_text():
     assert truncate([P, P, P, 5], [False] * 4, 10, P, 2)[2] == 1                 # greedy: a run, then a stray
 
 
+def test_image_run_starts_are_the_splices_runs():
+    """The per-record scan finds the runs `splice.runs_of_one_id` (the splice's closed form) finds."""
+    from minimind_v.data import image_run_starts
+    from minimind_v.splice import runs_of_one_id
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        L = int(torch.randint(1, 6, (1,), generator=g))
+        T = int(torch.randint(1, 40, (1,), generator=g))
+        ids = torch.randint(0, 3, (1, T), generator=g)          # id 0 is the pad: long blocks and strays
+        want = runs_of_one_id(ids, 0, L)[0].nonzero()[:, 0].tolist() if T >= L else []
+        assert image_run_starts(ids[0].tolist(), 0, L) == want, (ids[0].tolist(), L)
+
+
+def test_a_picture_is_decoded_once_per_process_until_it_changes(tmp_path, tok, monkeypatch):
+    from minimind_v import data
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    write_jsonl(tmp_path / "d.jsonl", [user_assistant(image="a.png")] * 3)
+    decoded = []
+    real = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda p, *a, **k: decoded.append(p) or real(p, *a, **k))
+    VLMDataset(tmp_path / "d.jsonl", tmp_path, tok, 256, num_patches=4, image_size=16)
+    VLMDataset(tmp_path / "d.jsonl", tmp_path, tok, 256, num_patches=4, image_size=16)
+    assert decoded == [tmp_path / "a.png"]                       # three records, two datasets: one decode
+    whole = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(whole[:len(whole) // 2])    # the file changes: checked again, and fails
+    with pytest.raises(BadRecord, match="a.png"):
+        VLMDataset(tmp_path / "d.jsonl", tmp_path, tok, 256, num_patches=4, image_size=16)
+
+
 def test_collate(shapes, tok):
     ds = VLMDataset(shapes / "sft_test.jsonl", shapes / "images", tok, 256, num_patches=9, image_size=48)
     text_only = {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([IGNORE, 6]),
