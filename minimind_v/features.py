@@ -127,6 +127,22 @@ class CachedFeatures(torch.utils.data.Dataset):
         item["image_features"] = self.cache.lookup([item["image_paths"]])[0]    # (N, P, Dv)
         return item
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """The items of a batch at once (the DataLoader calls this when it exists): one read of the
+        cache for all their pictures instead of one per item; the same items as `__getitem__`."""
+        items = [dict(self.dataset[i]) for i in indices]
+        paths = [p for item in items for p in item["image_paths"]]
+        rows = [self.cache.row[p] for p in paths]
+        feats = torch.from_numpy(self.cache.array[rows] if rows else
+                                 np.zeros((0, *self.cache.array.shape[1:]), dtype=np.float32))   # (n, P, Dv)
+        start = 0
+        for item in items:
+            item.pop("pixel_values", None)
+            n = len(item["image_paths"])
+            item["image_features"] = feats[start:start + n]                   # (N, P, Dv)
+            start += n
+        return items
+
 
 def collate_features(collate):
     """A collate function for `CachedFeatures` items: `collate` + image_features (B, Nmax, P, Dv)."""

@@ -74,12 +74,12 @@ class Block(nn.Module):
 
     def forward(self, h, cos, sin, mask, kv_cache=None, rows=None):
         """h (B, T, D) -> (B, T, D). rows (K,) flat positions (row-major over B*T): return only their
-        outputs (K, D). Attention still reads every position (keys and values, and the cache), but
-        the FFN after it runs on the K rows alone: the model's last block does this when only a few
-        positions reach the loss (`MiniMindLM.forward_embeds`)."""
+        outputs, (1, K, D). Attention still reads every position (keys and values, and the cache),
+        but the FFN after it runs on the K rows alone: the model's last block does this when only a
+        few positions reach the loss (`MiniMindLM.forward_embeds`)."""
         h = h + self.attn(self.attn_norm(h), cos, sin, mask, kv_cache)   # (B, T, D)
         if rows is not None:
-            h = h.reshape(-1, h.shape[-1]).index_select(0, rows)          # (K, D)
+            h = h.reshape(1, -1, h.shape[-1]).index_select(1, rows)       # (1, K, D): one row of K tokens
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -149,15 +149,17 @@ class MiniMindLM(nn.Module):
         if logits_at is not None:
             rows = logits_at.flatten().nonzero()[:, 0] if logits_at.dtype == torch.bool else logits_at
         h = self.dropout(h)
+        last = len(self.layers) - 1
+        rows_inside = (rows is not None and not self.cfg.use_moe
+                       and type(self.layers[last]).forward is _BLOCK_FORWARD)
         for i, block in enumerate(self.layers):
-            if rows is not None and i == len(self.layers) - 1 and type(block).forward is _BLOCK_FORWARD \
-                    and not self.cfg.use_moe:
-                h = block(h, cos, sin, mask, kv_cache, rows=rows)       # (K, D): its FFN on K rows only
+            if i == last and rows_inside:
+                h = block(h, cos, sin, mask, kv_cache, rows=rows)[0]    # (K, D): its FFN on K rows only
             else:
                 h = block(h, cos, sin, mask, kv_cache)                  # (B, T, D)
         if self.cfg.use_moe:                                            # 0 in eval mode, as upstream
             self.aux_loss = sum(block.ffn.aux_loss for block in self.layers)
-        if rows is not None and h.dim() == 3:
+        if rows is not None and not rows_inside:
             h = h.reshape(B * T, -1).index_select(0, rows)              # (K, D)
         h = self.norm(h)
         return self.lm_head(h) if head else h                           # (B, T, V) or (K, V)

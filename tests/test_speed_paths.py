@@ -132,7 +132,7 @@ def test_the_last_block_runs_its_ffn_on_the_loss_rows_only():
     for block in model.layers:
         block.ffn.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
     logits = model(ids, logits_at=mask)                          # (K, V), K = 4 + 2 + 1
-    assert seen == [(3, 14, 64), (7, 64)]                        # the last FFN saw the 7 rows alone
+    assert seen == [(3, 14, 64), (1, 7, 64)]                     # the last FFN saw the 7 rows alone
     full = model(ids)                                            # (B, T, V), every block in full
     torch.testing.assert_close(logits, full[mask], rtol=1e-12, atol=1e-12)
     params = list(model.parameters())

@@ -327,6 +327,39 @@ def test_feature_cache_gives_the_same_training_and_skips_the_encoder(vlm_data, t
     assert calls == []
 
 
+def test_a_batch_read_from_the_feature_cache_equals_its_items_read_one_by_one(tmp_path):
+    """`CachedFeatures.__getitems__` (one read of the cache per batch, what the DataLoader calls)
+    gives the items `__getitem__` gives, for rows of 0, 1 and 2 pictures, in any order."""
+    from minimind_v.features import CachedFeatures, FeatureCache
+
+    class Items(torch.utils.data.Dataset):
+        load_pixels = True
+        counts = [1, 0, 2, 1, 2, 0, 1]
+
+        def __len__(self):
+            return len(self.counts)
+
+        def __getitem__(self, i):
+            paths = [f"img{(i + k) % 5}.png" for k in range(self.counts[i])]
+            g = torch.Generator().manual_seed(i)
+            return {"input_ids": torch.randint(0, 50, (6,), generator=g), "image_paths": paths,
+                    **({"pixel_values": torch.stack([torch.full((3, 4, 4), float(p[3])) for p in paths])
+                        if paths else torch.zeros(0, 3, 4, 4)} if self.load_pixels else {})}
+
+    encode = lambda pix: pix.flatten(1)[:, :6].reshape(-1, 2, 3) * torch.arange(6.).reshape(2, 3)  # noqa: E731
+    cache = FeatureCache.build(tmp_path, encode, Items(), "fp", batch_size=2, log=quiet)
+    data = CachedFeatures(Items(), cache)
+    for order in ([0, 1, 2, 3], [6, 4, 1, 2, 0], [1, 5]):
+        batch = data.__getitems__(order)
+        for i, got in zip(order, batch):
+            want = data[i]
+            assert got.keys() == want.keys() and "pixel_values" not in got
+            assert got["image_paths"] == want["image_paths"] and torch.equal(got["input_ids"], want["input_ids"])
+            assert got["image_features"].shape == (len(want["image_paths"]), 2, 3)
+            assert torch.equal(got["image_features"], want["image_features"])
+    assert data[2]["image_features"][1].abs().sum() > 0              # features, not zeros
+
+
 def test_initialise_from_lm_weights_upstream_files_and_a_previous_stage(vlm_data, tmp_path):
     from minimind_v.checkpoint import upstream_name
     from minimind_v.rundir import initialise, write_config
