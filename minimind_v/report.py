@@ -13,7 +13,8 @@ Where it sits: at the end of `minimind-v train` and of the demo. From the run di
   over the picture.
 
 FLOPs of one optimizer step (a matmul of an (m x k) by a (k x n) matrix costs 2 m k n):
-    forward   2 * N_layers * tokens  +  4 * D * L * pairs  +  2 * D * V * answers  +  2 * Dv * D * patches
+    forward   2 * N_layers * tokens  +  4 * D * L * pairs  +  2 * D * V * answers  +  2 * Dv * D * patches,
+              except the last block's FFN: 2 * N_ffn * answers (training asks for the answer rows only)
     backward  weight gradients (1x a part's forward) where weights learn, input gradients (1x) where
               something below learns or the block itself learns (its RMSNorm gains come first),
               the attention core's 2x wherever a gradient passes; nothing below the lowest learner
@@ -44,7 +45,7 @@ def flops_per_step(cfg, row: dict, trainable: tuple, cached: bool) -> float:
     """FLOPs of one optimizer step from its work counts (a metrics.jsonl row), see the docstring."""
     lm, D = cfg.lm, cfg.lm.hidden_size
     kv = lm.num_kv_heads * lm.head_dim
-    per_layer = D * D * 2 + D * kv * 2 + 3 * D * lm.intermediate_size        # q, o; k, v; SwiGLU
+    attn_part, ffn_part = D * D * 2 + D * kv * 2, 3 * D * lm.intermediate_size   # q, o; k, v | SwiGLU
     L = lm.num_layers
     tokens, pairs, answers = row.get("tokens", 0), row.get("pairs", 0), row.get("targets", 0)
     images = row.get("images", 0)
@@ -58,7 +59,9 @@ def flops_per_step(cfg, row: dict, trainable: tuple, cached: bool) -> float:
     total = 0.0
     for i in range(L):
         learns = lm_trains or ("last_block" in trainable and i == L - 1)
-        fwd, attn = 2 * per_layer * tokens, 4 * D * pairs
+        # the last block's FFN runs at the answer positions only (`MiniMindLM.forward_embeds`)
+        ffn_rows = answers if i == L - 1 and not lm.use_moe else tokens
+        fwd, attn = 2 * attn_part * tokens + 2 * ffn_part * ffn_rows, 4 * D * pairs
         input_grad = fwd if below or learns else 0
         total += fwd + (fwd if learns else 0) + input_grad + attn * (3 if below or learns else 1)
     head_below = below or "last_block" in trainable
@@ -243,7 +246,7 @@ def write_report(run_dir, model, tok, eval_data=None, eval_images=None, train_da
         lines += ["![throughput](report/throughput.png)", "", "## Throughput and MFU", "",
                   throughput_line(tput) + ".", "",
                   "FLOPs per step: forward 2 * N_layers * tokens + 4 * D * L * B*T^2 (attention) + 2 * D * V * "
-                  "answers (head) + 2 * Dv * D * patches (projector); backward: weight gradients (1x forward) where "
+                  "answers (head) + 2 * Dv * D * patches (projector), the last block's FFN at the answers only; backward: weight gradients (1x forward) where "
                   "weights learn, input gradients (1x) where something below learns; the frozen encoder's forward only when not cached "
                   f"({'cached here' if cached else 'not cached here'}). The peak is a timed fp32 torch.matmul "
                   f"(1024 x 1024) with {torch.get_num_threads()} thread(s).", ""]
