@@ -70,7 +70,7 @@ def run_steps(model, opt, params, batches, steps: int) -> tuple[float, list[floa
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return (time.perf_counter() - t) / steps, losses
 
 

@@ -131,8 +131,8 @@ class MiniMindLM(nn.Module):
         (K,) int64 of those positions (`logits_at.flatten().nonzero()[:, 0]`): the same rows, but a
         gather `torch.compile` can trace (a boolean index has a data-dependent size). The last block
         then runs its FFN on those K rows only (its attention still reads every position): nothing
-        above it reads the other rows. In a 2-layer model with a few answer tokens per row that is
-        ~40% of the work of a training step.
+        above it reads the other rows. In a 2-layer model with a few answer tokens per row that is a
+        third of the FLOPs of a training step.
         head=False returns the final-normed hidden states (B, T, D) or (K, D) instead of logits,
         for `chunked_lm_loss`.
         """
