@@ -27,8 +27,8 @@ per interval, the held-out exact-match accuracy per question type with the visio
 a picture grid of test images with questions and answers and `sft/report.md` (`report.py`).
 
 Two threads by default: a run is reproducible for a given CPU and thread count (`--threads 1` gives
-other, equally reproducible answers). On an idle 2-core CPU the whole run takes about three minutes
-(README: the seven seeds). `--fast` runs the SFT stage with a compiled step, under bf16 autocast
+other, equally reproducible answers). On an idle 2-core AVX2 CPU the whole run takes about four and
+a half minutes (README: the seven seeds). `--fast` runs the SFT stage with a compiled step, under bf16 autocast
 where the CPU has native bf16 (AVX-512): faster once inductor's cache is warm, not bitwise
 repeatable.
 """
