@@ -187,6 +187,5 @@ def cli(argv: list[str]) -> int:
     threads = a.threads
     if a.fast:
         over = {"sft_steps": FAST["sft_steps"], **over, "fast": True}
-        threads = a.threads
     run(a.out, a.seed, a.quick, threads, **over)
     return 0

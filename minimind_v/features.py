@@ -132,9 +132,7 @@ class CachedFeatures(torch.utils.data.Dataset):
         cache for all their pictures instead of one per item; the same items as `__getitem__`."""
         items = [dict(self.dataset[i]) for i in indices]
         paths = [p for item in items for p in item["image_paths"]]
-        rows = [self.cache.row[p] for p in paths]
-        feats = torch.from_numpy(self.cache.array[rows] if rows else
-                                 np.zeros((0, *self.cache.array.shape[1:]), dtype=np.float32))   # (n, P, Dv)
+        feats = torch.from_numpy(self.cache.array[[self.cache.row[p] for p in paths]])   # (n, P, Dv), n may be 0
         start = 0
         for item in items:
             item.pop("pixel_values", None)
