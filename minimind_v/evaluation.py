@@ -10,11 +10,15 @@ baseline that never looks at anything:
     shuffled   each record shown another record's picture (a fixed seeded derangement)
     none       the question without its image (no image positions at all)
     majority   the most common reference answer per question type (no model)
+    question   the most common reference answer to the same question text (no model): what the
+               words alone can answer, the best a model that never looks could do
 
 The image gain, real minus blank, is the part of the score that needs the picture; it is
 printed first. Blank near the majority baseline means the model answers from the question
 alone when it cannot see; shuffled below blank means it reads the (wrong) picture and believes
-it. Everything is given per question type when records carry a "qtype".
+it. Where the question baseline is high (a set whose "Is there a ...?" is mostly "no"), a model
+that reads every picture can gain at most 100% minus it: the last line prints that ceiling beside
+real minus question. Everything is given per question type when records carry a "qtype".
 """
 from __future__ import annotations
 
@@ -28,18 +32,26 @@ from .chat import picture_derangement  # noqa: F401 (re-exported: the shuffled c
 CONTROLS = ("real", "blank", "shuffled", "none")
 
 
-def read_answers(jsonl) -> list[tuple[str, str]]:
-    """(qtype, reference answer) of every record ("all" where a record has no qtype)."""
+def read_records(jsonl) -> list[tuple[str, str, str]]:
+    """(qtype, question, reference answer) of every record ("all" where a record has no qtype); the
+    question is every turn before the last, without its `<image>` markers, stripped."""
     rows = []
     for n, line in enumerate(Path(jsonl).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-            rows.append((rec.get("qtype", "all"), rec["conversations"][-1]["content"].strip()))
+            turns = rec["conversations"]
+            question = "\n".join(t["content"].replace("<image>", "").strip() for t in turns[:-1])
+            rows.append((rec.get("qtype", "all"), question, turns[-1]["content"].strip()))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise ValueError(f"{jsonl}:{n}: expected a record with 'conversations' ending in the reference") from None
     return rows
+
+
+def read_answers(jsonl) -> list[tuple[str, str]]:
+    """(qtype, reference answer) of every record ("all" where a record has no qtype)."""
+    return [(qtype, ans) for qtype, _, ans in read_records(jsonl)]
 
 
 def majority_baseline(scored: list[tuple[str, str]], source: list[tuple[str, str]] | None = None) -> dict:
@@ -66,10 +78,37 @@ def majority_baseline(scored: list[tuple[str, str]], source: list[tuple[str, str
             "by_type": {k: tuple(v) for k, v in sorted(by_type.items())}, "answers": answers}
 
 
+def question_baseline(scored: list[tuple[str, str, str]], source: list[tuple[str, str, str]] | None = None) -> dict:
+    """Answer every question with the most common reference to the same question text in `source`
+    (default: `scored`); a question absent from `source` gets its type's majority answer.
+
+    scored, source: (qtype, question, answer) rows (`read_records`). No picture is ever looked at,
+    so this is what the words alone can answer. Ties as in `majority_baseline`; the same shape,
+    with "answers": question -> the answer used.
+    """
+    source = source if source is not None else scored
+    per_question = defaultdict(Counter)
+    for _, question, ans in source:
+        per_question[question][ans] += 1
+    pick = lambda c: min(c, key=lambda a: (-c[a], a))                       # noqa: E731
+    answers = {q: pick(c) for q, c in per_question.items()}
+    fallback = majority_baseline([(t, a) for t, _, a in scored], [(t, a) for t, _, a in source])["answers"]
+    overall = pick(Counter(a for _, _, a in source))
+    by_type = defaultdict(lambda: [0, 0])
+    for qtype, question, ans in scored:
+        guess = answers.get(question, fallback.get(qtype, overall))
+        by_type[qtype][0] += guess == ans
+        by_type[qtype][1] += 1
+    correct = sum(c for c, _ in by_type.values())
+    return {"accuracy": correct / max(len(scored), 1), "correct": correct, "total": len(scored),
+            "by_type": {k: tuple(v) for k, v in sorted(by_type.items())}, "answers": answers}
+
+
 def controls(model, tok, jsonl, image_root, train_data=None, limit: int | None = None, seed: int = 0,
              max_new_tokens: int = 16, modes=CONTROLS, log=None) -> dict:
     """Score one checkpoint with every control: {"real": res, "blank": ..., "shuffled": ..., "none": ...,
-    "majority": ..., "majority_from": "training split" | "scored split", "image_gain": real - blank}."""
+    "majority": ..., "question": ..., "majority_from": "training split" | "scored split",
+    "image_gain": real - blank, "shuffled_gain": real - shuffled, "question_gain": real - question}."""
     from .chat import evaluate
 
     out = {}
@@ -78,20 +117,25 @@ def controls(model, tok, jsonl, image_root, train_data=None, limit: int | None =
                              images=mode, seed=seed)
         if log:
             log(f"  {mode:8s} {out[mode]['accuracy']:6.1%}")
-    scored = read_answers(jsonl)
+    scored = read_records(jsonl)
     scored = scored[:limit] if limit else scored
-    out["majority"] = majority_baseline(scored, read_answers(train_data) if train_data else None)
+    source = read_records(train_data) if train_data else None
+    out["majority"] = majority_baseline([(t, a) for t, _, a in scored],
+                                        [(t, a) for t, _, a in source] if source else None)
+    out["question"] = question_baseline(scored, source)
     out["majority_from"] = f"training split {train_data}" if train_data else "scored split (no --train-data)"
     if "real" in out and "blank" in out:
         out["image_gain"] = out["real"]["accuracy"] - out["blank"]["accuracy"]
     if "real" in out and "shuffled" in out:
         out["shuffled_gain"] = out["real"]["accuracy"] - out["shuffled"]["accuracy"]
+    if "real" in out:
+        out["question_gain"] = out["real"]["accuracy"] - out["question"]["accuracy"]
     return out
 
 
 def table(res: dict) -> list[str]:
     """The controls as a text table, one row per question type; the image gain first."""
-    modes = [m for m in CONTROLS if m in res] + ["majority"]
+    modes = [m for m in CONTROLS if m in res] + ["majority"] + (["question"] if "question" in res else [])
     lines = []
     if "image_gain" in res:
         # a grey picture unlike any training picture can score below chance, which inflates real - blank;
@@ -110,7 +154,11 @@ def table(res: dict) -> list[str]:
                 c, n = res[m]["by_type"].get(qtype, (0, 0))
             cells.append(f"{c / n:9.1%}" if n else f"{'-':>9s}")
         lines.append(f"{qtype:10s} {n:5d} " + " ".join(cells))
-    lines.append(f"majority baseline from the {res['majority_from']}")
+    lines.append(f"majority (per type) and question (per question text) baselines from the {res['majority_from']}")
+    if "question_gain" in res:
+        q = res["question"]["accuracy"]
+        lines.append(f"the words alone answer {q:.1%}, so the picture can add at most {100 * (1 - q):.1f} points; "
+                     f"real - question: {100 * res['question_gain']:+.1f}")
     return lines
 
 

@@ -259,7 +259,7 @@ def write_report(run_dir, model, tok, eval_data=None, eval_images=None, train_da
         lines += ["## Does it look at the picture?", "", "```", *table(results), "```", ""]
         types = list(r["by_type"])
         series = {m: [results[m]["by_type"][t][0] / results[m]["by_type"][t][1] for t in types]
-                  for m in ("real", "blank", "shuffled", "none", "majority") if m in results}
+                  for m in ("real", "blank", "shuffled", "none", "majority", "question") if m in results}
         draw_bars(types, series, fig / "accuracy.png", "exact match per question type, with and without the picture")
         save_grid(r["examples"][:12], fig / "answers.png")
         lines += ["![accuracy](report/accuracy.png)", "", "Answers (green: right):", "",

@@ -14,7 +14,8 @@ from PIL import Image
 
 from minimind_v.chat import grey_pixels, load_pixels, reply, user_message
 from minimind_v.cli import main
-from minimind_v.evaluation import controls, majority_baseline, picture_derangement, read_answers
+from minimind_v.evaluation import (controls, majority_baseline, picture_derangement, question_baseline, read_answers,
+                                   read_records)
 from minimind_v.image import preprocess
 from minimind_v.rundir import load_chat_model
 from minimind_v.synthetic import make_dataset
@@ -102,6 +103,33 @@ def test_majority_baseline_equals_a_hand_count(trained):
     assert r["by_type"] == {"count": (2, 3), "yesno": (1, 2)}
 
 
+def test_question_baseline_equals_a_hand_count(trained):
+    _, data, _, _ = trained
+    train, test = (read_records(data / f"sft_{s}.jsonl") for s in ("train", "test"))
+    assert all("<image>" not in q and q == q.strip() for _, q, _ in train + test)
+    by_question = {}
+    for _, q, a in train:
+        by_question.setdefault(q, Counter())[a] += 1
+    type_major = majority_baseline([(t, a) for t, _, a in test], [(t, a) for t, _, a in train])["answers"]
+    hits = 0
+    for qtype, q, a in test:
+        if q in by_question:
+            top = max(by_question[q].values())
+            guess = sorted(x for x, c in by_question[q].items() if c == top)[0]
+        else:
+            guess = type_major[qtype]
+        hits += guess == a
+    res = question_baseline(test, train)
+    assert res["correct"] == hits and res["total"] == len(test)
+    # the words carry the answer: per question text beats per type, and an unseen question falls back to its type
+    rows = [("yesno", "is it red?", "no"), ("yesno", "is it red?", "no"), ("yesno", "is it round?", "yes"),
+            ("yesno", "is it round?", "yes"), ("yesno", "is it round?", "yes"), ("colour", "what colour?", "red")]
+    r = question_baseline(rows)
+    assert r["correct"] == 6 and majority_baseline([(t, a) for t, _, a in rows])["correct"] == 4
+    r = question_baseline([("yesno", "is it blue?", "yes"), ("yesno", "is it red?", "yes")], rows)
+    assert r["answers"]["is it red?"] == "no" and r["correct"] == 1          # blue: unseen -> the type's "yes"
+
+
 def test_eval_cli_prints_the_gain_first_and_says_where_the_majority_came_from(trained, capsys):
     root, data, _, _ = trained
     args = ["eval", "--checkpoint", str(root / "run"), "--data", str(data / "sft_test.jsonl"), "--images",
@@ -109,8 +137,9 @@ def test_eval_cli_prints_the_gain_first_and_says_where_the_majority_came_from(tr
     assert main(args + ["--train-data", str(data / "sft_train.jsonl")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("image gain (real - blank):") and "(real - shuffled: " in out[0]
-    assert out[1].split() == ["qtype", "n", "real", "blank", "shuffled", "none", "majority"]
-    assert any(line.startswith("all ") for line in out) and "training split" in out[-2]
+    assert out[1].split() == ["qtype", "n", "real", "blank", "shuffled", "none", "majority", "question"]
+    assert any(line.startswith("all ") for line in out) and "training split" in out[-3]
+    assert out[-2].startswith("the words alone answer ") and "real - question: " in out[-2]
     assert main(args) == 0
     assert "scored split" in capsys.readouterr().out
 
