@@ -60,6 +60,7 @@ from typing import NamedTuple
 
 import torch
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 
 from .image import BadImage, open_image, read_pixels
 from .lm import IGNORE  # noqa: F401  (-100: the label of every token the loss skips; data.IGNORE)
@@ -367,8 +368,10 @@ class VLMDataset(torch.utils.data.Dataset):
             self.bad_lines.append(f"{self.path}{sep}{where}: the first reply token is at position {first}, past "
                                   f"max_length={self.max_length}; expected a reply that starts within max_length")
             return
-        if self.encoded is not None:
-            self.encoded[len(self.samples)] = (ids, [t if learn else IGNORE for t, learn in zip(ids, target)], n_images)
+        if self.encoded is not None:            # as tensors: an item then costs no conversion (read-only)
+            labels = [t if learn else IGNORE for t, learn in zip(ids, target)]
+            self.encoded[len(self.samples)] = (torch.tensor(ids, dtype=torch.long),
+                                               torch.tensor(labels, dtype=torch.long), n_images)
         self.samples.append(sample)
 
     def summary(self) -> str:
@@ -400,12 +403,13 @@ class VLMDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         lineno, messages, images, _ = self.samples[i]
         if self.encoded is not None and i in self.encoded:
-            ids, labels, n_images = self.encoded[i]
+            ids, labels, n_images = self.encoded[i]                     # (T,) tensors, shared: not to be modified
         else:
             ids, labels, n_images = encode_sample(self.tokenizer, messages, self.max_length, self.num_patches)
+            ids, labels = torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
         images = images[:n_images]
-        item = {"input_ids": torch.tensor(ids, dtype=torch.long),      # (T,)
-                "labels": torch.tensor(labels, dtype=torch.long),      # (T,)
+        item = {"input_ids": ids,                                       # (T,)
+                "labels": labels,                                       # (T,)
                 "image_paths": [str(p) for p in images]}
         if self.load_pixels:
             S = self.image_size
@@ -428,15 +432,12 @@ def collate(batch: list[dict], pad_id: int = 0) -> dict:
     no pixels, see `load_pixels`); image_counts (B,); image_paths: B lists.
     """
     B = len(batch)
-    T = max(len(x["input_ids"]) for x in batch)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros(B, T, dtype=torch.bool)
-    for b, x in enumerate(batch):
-        t = len(x["input_ids"])
-        input_ids[b, :t] = x["input_ids"]
-        labels[b, :t] = x["labels"]
-        attention_mask[b, :t] = True
+    lengths = torch.tensor([len(x["input_ids"]) for x in batch])                     # (B,)
+    T = int(lengths.max())
+    # one padded copy each (pad_sequence), not B slice assignments
+    input_ids = pad_sequence([x["input_ids"] for x in batch], batch_first=True, padding_value=pad_id)
+    labels = pad_sequence([x["labels"] for x in batch], batch_first=True, padding_value=IGNORE)
+    attention_mask = torch.arange(T)[None, :] < lengths[:, None]                       # (B, T)
     counts = [len(x["image_paths"]) for x in batch]
     pixel_values = None
     if all("pixel_values" in x for x in batch):

@@ -117,8 +117,11 @@ def run(out_dir, seed: int = 0, quick: bool = False, threads: int | None = None,
     n_all = count_parameters(model)
     log(f"      model: {n_all:,} parameters ({n_lm:,} language model, "
         f"{count_parameters(model.vision_encoder):,} frozen vision encoder); recipe {recipe.name}")
+    # check_images=False: the feature cache decodes every picture before the first step anyway, and a
+    # picture that does not read stops it there, naming its record
     datasets = {split: VLMDataset(data / f"{split}_train.jsonl", data / "images", tok, max_length=128, keep_encoded=True,
-                                  num_patches=cfg.num_patches, image_size=48) for split in ("pretrain", "sft")}
+                                  num_patches=cfg.num_patches, image_size=48, check_images=False)
+                for split in ("pretrain", "sft")}
     steps = {"pretrain": overrides.get("pretrain_steps"), "sft": overrides.get("sft_steps")}
     stages = {}
     for i, stage in enumerate(("pretrain", "sft"), start=3):

@@ -149,9 +149,12 @@ def collate_features(collate):
         batch = collate(items)
         n_max = max((f.shape[0] for f in feats), default=0)
         shape = next((f.shape[1:] for f in feats if f.dim() == 3), (0, 0))
-        out = torch.zeros(len(items), n_max, *shape)                              # zeros where a row has fewer
-        for b, f in enumerate(feats):
-            out[b, :f.shape[0]] = f
+        if n_max and all(f.shape[0] == n_max for f in feats):
+            out = torch.stack(feats)                                             # every row as many pictures
+        else:
+            out = torch.zeros(len(items), n_max, *shape)                          # zeros where a row has fewer
+            for b, f in enumerate(feats):
+                out[b, :f.shape[0]] = f
         batch["image_features"] = out
         batch["pixel_values"] = None
         return batch

@@ -136,6 +136,30 @@ def native_bf16(device) -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------- memory (CPU)
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of giving it back to the OS.
+
+    By default glibc gives a large block (from 128 KiB; the bar rises with use, up to 32 MiB) a
+    mapping of its own, unmapped when freed, and trims the free top of its heap. A training step
+    frees its activations and allocates them again the next step, so each step gets fresh pages,
+    and the first write to every page is a page fault: 3000-5000 a step in the demo's SFT, about a
+    tenth of its time. With both thresholds raised, freed memory stays in the heap and is reused
+    (the process keeps its peak size; a training run would reach it again anyway). Linux with glibc
+    only: elsewhere nothing changes. Returns whether it applied."""
+    import ctypes
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                      # <malloc.h>
+    # both: setting either one alone turns off glibc's own adjustment of the other
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
 # ----------------------------------------------------------------------------- the schedule
 def lr_at(step: int, total_steps: int, peak: float, warmup_steps: int = 0, min_ratio: float = 0.1) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_ratio*peak.
@@ -274,6 +298,8 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
         f"of {count_parameters(model):,} parameters")
     model.to(device)
     parts = model_parts(model)
+    if device.type == "cpu":
+        keep_freed_memory()                                 # no page faults for every step's tensors
 
     # -- optimizer, precision
     # fused: one kernel updates every tensor of a group (the same rule as the for-loop AdamW)

@@ -20,8 +20,8 @@ def test_quick_demo_end_to_end_and_its_checkpoint_chats(tmp_path, capsys):
         assert stage_line in log
     # the vision-reliance controls, the image gain first
     gain = log.index("image gain (real - blank):")
-    assert gain < log.index("qtype ") < log.index("majority baseline from the training split")
-    for control in ("blank", "shuffled", "none", "majority"):
+    assert gain < log.index("qtype ") < log.index("baselines from the training split") < log.index("the words alone")
+    for control in ("blank", "shuffled", "none", "majority", "question"):
         assert control in log[gain:]
     report = (out / "sft" / "report.md").read_text()
     assert "pretrain" in report and "Throughput and MFU" in report and "report/attention_0.png" in report
