@@ -103,6 +103,14 @@ def test_the_full_demo_trains_with_its_recipe_on_two_threads(tmp_path, monkeypat
         for key, value in given.items():
             if key not in ("max_steps", "epochs"):
                 assert getattr(seen[stage], key) == value, (stage, key)
+    # the demo's own SFT step count (FULL) applies when none is given, an explicit one wins over it
+    assert demo.FULL["sft_steps"] == 3500 and demo.FAST["sft_steps"] == demo.FULL["sft_steps"]
+    monkeypatch.setattr(demo, "FULL", dict(demo.FULL, n_train=64, n_test=8, sft_steps=3))
+    try:
+        demo.run(tmp_path / "d3", seed=0, threads=1, pretrain_steps=2, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["sft"].max_steps == 3
 
     calls = []
     monkeypatch.setattr(demo, "run", lambda out, seed, quick, threads, **kw: calls.append(threads))
