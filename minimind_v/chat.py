@@ -145,6 +145,33 @@ def grey_pixels(size: int) -> torch.Tensor:
     return preprocess(Image.new("RGB", (size, size), (128, 128, 128)), size)
 
 
+class PictureFeatures:
+    """The encoder's output per picture file, computed once and kept while it fits in `max_bytes`.
+
+    A VQA split asks several questions about each picture (easy-VQA: ~10), and the controls show
+    the same pictures again (shuffled), so `evaluate` decodes and encodes each file once instead of
+    once per question. Past the budget, features are computed per batch and not kept.
+    """
+
+    def __init__(self, model, max_bytes: int = 512 * 2 ** 20):
+        self.model, self.max_bytes, self.kept, self.bytes = model, max_bytes, {}, 0
+
+    def batch(self, shown: list[list]) -> torch.Tensor:
+        """Per-record lists of N picture paths -> (B, N, P, Dv) features."""
+        new = list(dict.fromkeys(str(p) for paths in shown for p in paths if str(p) not in self.kept))
+        fresh = {}
+        if new:
+            pixels = load_pixels(new, image_size(self.model), **image_settings(self.model))   # (n, 3, S, S)
+            device = next(self.model.parameters()).device
+            fresh = dict(zip(new, self.model.image_features(pixels.to(device))))          # path -> (P, Dv)
+            for path, f in fresh.items():
+                if self.bytes + f.numel() * f.element_size() <= self.max_bytes:
+                    self.kept[path] = f
+                    self.bytes += f.numel() * f.element_size()
+        pick = lambda p: self.kept.get(str(p), fresh.get(str(p)))              # noqa: E731
+        return torch.stack([torch.stack([pick(p) for p in paths]) for paths in shown])
+
+
 @torch.no_grad()
 def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None, batch_size: int = 64,
              max_new_tokens: int = 16, device="cpu", images: str = "real", seed: int = 0) -> dict:
@@ -179,17 +206,21 @@ def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None,
         ids = prompt_ids(tok, prompt, num_patches(model))
         groups[(len(ids), len(shown[k]))].append((k, ids))
     predictions = {}
+    features = PictureFeatures(model) if hasattr(model, "image_features") else None     # each file encoded once
     for (_, n_img), items in groups.items():
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             ids = torch.tensor([it[1] for it in chunk], device=device)                    # (B, T)
-            pixels = None
+            pixels, feats = None, None
             if n_img and grey is not None:
                 pixels = grey.expand(len(chunk), n_img, *grey.shape).to(device)           # (B, N, 3, S, S)
+            elif n_img and features is not None:
+                feats = features.batch([shown[k] for k, _ in chunk])                      # (B, N, P, Dv)
             elif n_img:
                 pixels = torch.stack([load_pixels(shown[k], image_size(model), **image_settings(model))
                                       for k, _ in chunk]).to(device)
-            out = generate(model, ids, max_new_tokens, eos_id=tok.eos_id, images=pixels)  # (B, T + n)
+            out = generate(model, ids, max_new_tokens, eos_id=tok.eos_id, images=pixels,
+                           image_features=feats)                                          # (B, T + n)
             for (k, _), row in zip(chunk, out[:, ids.shape[1]:].tolist()):
                 row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
                 predictions[k] = tok.decode(row)

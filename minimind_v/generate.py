@@ -72,13 +72,15 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
            top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
            eos_id: int | None = None, images: torch.Tensor | None = None,
            attention_mask: torch.Tensor | None = None, seed: int | None = None,
-           compile: bool = False) -> Iterator[torch.Tensor]:
+           compile: bool = False, image_features: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) step by step; stops after max_new_tokens or when every row hit eos_id.
 
     input_ids (B, T). Prompts of different lengths: left-pad them and pass attention_mask (B, T)
     with 0 on the pads. Rows that already produced eos_id keep yielding eos_id.
     compile=True: decode steps run `static_decode.decode_step` through torch.compile on a static
     cache (the same tokens; the first call for a model or length compiles, which takes seconds).
+    images (B, N, 3, S, S) pixels, or image_features (B, N, P, Dv): the encoder's output for them,
+    computed beforehand (e.g. once per picture when many questions share it).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -93,6 +95,8 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     cache = KVCache()
     extra = {} if images is None else {"pixel_values": images}
+    if image_features is not None:
+        extra["image_features"] = image_features                  # the model refuses both at once
     if attention_mask is not None:
         extra["attention_mask"] = attention_mask
     # prefill: the whole prompt fills the cache; only the last position's logits are needed
@@ -136,10 +140,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_id: int | None = None, images: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None, seed: int | None = None,
-             compile: bool = False) -> torch.Tensor:
+             compile: bool = False, image_features: torch.Tensor | None = None) -> torch.Tensor:
     """The prompt followed by the generated ids: (B, T + n), n <= max_new_tokens (`stream`'s options)."""
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                      repetition_penalty, eos_id, images, attention_mask, seed, compile))
+                      repetition_penalty, eos_id, images, attention_mask, seed, compile, image_features))
     if not new:
         return input_ids
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minimind_v.chat import grey_pixels, load_pixels, reply, user_message
+from minimind_v.chat import PictureFeatures, grey_pixels, load_pixels, reply, user_message
 from minimind_v.cli import main
 from minimind_v.evaluation import (controls, majority_baseline, picture_derangement, question_baseline, read_answers,
                                    read_records)
@@ -62,6 +62,25 @@ def test_blank_shuffled_and_none_equal_the_model_run_by_hand(trained):
     assert res["image_gain"] == res["real"]["accuracy"] - res["blank"]["accuracy"]
     assert res["shuffled_gain"] == res["real"]["accuracy"] - res["shuffled"]["accuracy"]
     assert len({ex[3] for ex in res["real"]["examples"]}) > 1          # a model that says something varied
+
+
+def test_picture_features_encode_each_file_once_within_the_budget(trained, monkeypatch):
+    _, data, model, _ = trained
+    names = [data / "images" / r["image"] for r in records(data)]
+    shown = [[names[0]], [names[1]], [names[0]], [names[2]]]                     # a picture shown twice
+    calls = []
+    encode = model.image_features
+    monkeypatch.setattr(model, "image_features", lambda px: calls.append(px.shape[0]) or encode(px))
+    memo = PictureFeatures(model)
+    out = memo.batch(shown)                                                      # (4, 1, P, Dv)
+    want = encode(torch.stack([load_pixels(x, 48) for x in shown]))              # (4, 1, P, Dv), by hand
+    assert out.shape == want.shape and torch.allclose(out, want, atol=1e-6)
+    assert calls == [3] and len(memo.kept) == 3                                  # three files, one batch
+    assert torch.equal(memo.batch([[names[1]], [names[0]]]), out[[1, 0]]) and calls == [3]   # kept: no encode
+    tight = PictureFeatures(model, max_bytes=0)                                  # nothing fits: still right
+    assert torch.allclose(tight.batch(shown), want, atol=1e-6) and not tight.kept and tight.bytes == 0
+    tight.batch(shown[:1])
+    assert calls == [3, 3, 1]
 
 
 def test_derangement_never_keeps_a_picture():
