@@ -206,7 +206,7 @@ def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None,
         ids = prompt_ids(tok, prompt, num_patches(model))
         groups[(len(ids), len(shown[k]))].append((k, ids))
     predictions = {}
-    features = PictureFeatures(model) if hasattr(model, "image_features") else None     # each file encoded once
+    features = PictureFeatures(model)                     # each picture file decoded and encoded once
     for (_, n_img), items in groups.items():
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -214,11 +214,8 @@ def evaluate(model, tok: Tokenizer, jsonl, image_root, limit: int | None = None,
             pixels, feats = None, None
             if n_img and grey is not None:
                 pixels = grey.expand(len(chunk), n_img, *grey.shape).to(device)           # (B, N, 3, S, S)
-            elif n_img and features is not None:
-                feats = features.batch([shown[k] for k, _ in chunk])                      # (B, N, P, Dv)
             elif n_img:
-                pixels = torch.stack([load_pixels(shown[k], image_size(model), **image_settings(model))
-                                      for k, _ in chunk]).to(device)
+                feats = features.batch([shown[k] for k, _ in chunk])                      # (B, N, P, Dv)
             out = generate(model, ids, max_new_tokens, eos_id=tok.eos_id, images=pixels,
                            image_features=feats)                                          # (B, T + n)
             for (k, _), row in zip(chunk, out[:, ids.shape[1]:].tolist()):

@@ -432,12 +432,11 @@ def collate(batch: list[dict], pad_id: int = 0) -> dict:
     no pixels, see `load_pixels`); image_counts (B,); image_paths: B lists.
     """
     B = len(batch)
-    lengths = torch.tensor([len(x["input_ids"]) for x in batch])                     # (B,)
-    T = int(lengths.max())
     # one padded copy each (pad_sequence), not B slice assignments
-    input_ids = pad_sequence([x["input_ids"] for x in batch], batch_first=True, padding_value=pad_id)
-    labels = pad_sequence([x["labels"] for x in batch], batch_first=True, padding_value=IGNORE)
-    attention_mask = torch.arange(T)[None, :] < lengths[:, None]                       # (B, T)
+    input_ids = pad_sequence([x["input_ids"] for x in batch], batch_first=True, padding_value=pad_id)  # (B, T)
+    labels = pad_sequence([x["labels"] for x in batch], batch_first=True, padding_value=IGNORE)        # (B, T)
+    lengths = torch.tensor([len(x["input_ids"]) for x in batch])                                        # (B,)
+    attention_mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]                       # (B, T)
     counts = [len(x["image_paths"]) for x in batch]
     pixel_values = None
     if all("pixel_values" in x for x in batch):

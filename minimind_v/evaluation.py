@@ -54,6 +54,11 @@ def read_answers(jsonl) -> list[tuple[str, str]]:
     return [(qtype, ans) for qtype, _, ans in read_records(jsonl)]
 
 
+def most_common(counts: Counter) -> str:
+    """The most frequent answer; a tie goes to the first in sorted order (deterministic)."""
+    return min(counts, key=lambda a: (-counts[a], a))
+
+
 def majority_baseline(scored: list[tuple[str, str]], source: list[tuple[str, str]] | None = None) -> dict:
     """Answer every question with the most common reference of its type in `source` (default: `scored`).
 
@@ -66,11 +71,10 @@ def majority_baseline(scored: list[tuple[str, str]], source: list[tuple[str, str
     for qtype, ans in source:
         per_type[qtype][ans] += 1
     overall = Counter(ans for _, ans in source)
-    pick = lambda c: min(c, key=lambda a: (-c[a], a))                       # noqa: E731
-    answers = {q: pick(c) for q, c in per_type.items()}
+    answers = {q: most_common(c) for q, c in per_type.items()}
     by_type = defaultdict(lambda: [0, 0])
     for qtype, ans in scored:
-        guess = answers.get(qtype, pick(overall))
+        guess = answers[qtype] if qtype in answers else most_common(overall)      # a type absent from source
         by_type[qtype][0] += guess == ans
         by_type[qtype][1] += 1
     correct = sum(c for c, _ in by_type.values())
@@ -90,10 +94,9 @@ def question_baseline(scored: list[tuple[str, str, str]], source: list[tuple[str
     per_question = defaultdict(Counter)
     for _, question, ans in source:
         per_question[question][ans] += 1
-    pick = lambda c: min(c, key=lambda a: (-c[a], a))                       # noqa: E731
-    answers = {q: pick(c) for q, c in per_question.items()}
+    answers = {q: most_common(c) for q, c in per_question.items()}
     fallback = majority_baseline([(t, a) for t, _, a in scored], [(t, a) for t, _, a in source])["answers"]
-    overall = pick(Counter(a for _, _, a in source))
+    overall = most_common(Counter(a for _, _, a in source))
     by_type = defaultdict(lambda: [0, 0])
     for qtype, question, ans in scored:
         guess = answers.get(question, fallback.get(qtype, overall))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 class FeatureCache:
     """Frozen-encoder features of every image, computed once and memory-mapped.
@@ -147,15 +148,8 @@ def collate_features(collate):
     def collate_with_features(items: list[dict]) -> dict:
         feats = [it.pop("image_features") for it in items]
         batch = collate(items)
-        n_max = max((f.shape[0] for f in feats), default=0)
-        shape = next((f.shape[1:] for f in feats if f.dim() == 3), (0, 0))
-        if n_max and all(f.shape[0] == n_max for f in feats):
-            out = torch.stack(feats)                                             # every row as many pictures
-        else:
-            out = torch.zeros(len(items), n_max, *shape)                          # zeros where a row has fewer
-            for b, f in enumerate(feats):
-                out[b, :f.shape[0]] = f
-        batch["image_features"] = out
+        # (B, Nmax, P, Dv): zeros where a row has fewer pictures (one copy, as `collate`'s ids)
+        batch["image_features"] = pad_sequence(feats, batch_first=True) if feats else torch.zeros(0, 0, 0, 0)
         batch["pixel_values"] = None
         return batch
     return collate_with_features
