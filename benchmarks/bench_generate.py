@@ -25,11 +25,13 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from minimind_v.checkpoint import load_upstream
 from minimind_v.config import LMConfig
 from minimind_v.attention import KVCache
 from minimind_v.generate import generate, generate_without_cache
+from minimind_v.linear import few_rows_linear
 from minimind_v.static_decode import StaticKVCache, compiled_step, static_slots
 
 
@@ -46,7 +48,8 @@ def timed(fn, device):
 @torch.no_grad()
 def time_steps(model, prompt, args, n=32):
     """ms per decode step after the prompt: the eager cached step, the compiled static-cache step, and
-    a floor: the products of every weight matrix with one token's vector (the bytes every step reads)."""
+    a floor: the products of every weight matrix with one token's vector (the bytes every step reads),
+    as the model's `Linear` computes them (`few_rows_linear`) and through `F.linear`."""
     cfg, T = model.cfg, prompt.shape[1]
     cache = KVCache()
     model(prompt, kv_cache=cache)
@@ -62,7 +65,8 @@ def time_steps(model, prompt, args, n=32):
     tok = prompt[:, :1]
     runs = {"eager step": lambda i: model(tok, kv_cache=cache),
             "compiled step": lambda i: step(model, tok, torch.tensor([T + i]), static),
-            "products alone": lambda i: [vec[w.shape[1]] @ w.t() for w in weights]}
+            "products alone": lambda i: [few_rows_linear(vec[w.shape[1]], w) for w in weights],
+            "F.linear alone": lambda i: [F.linear(vec[w.shape[1]], w) for w in weights]}
     times = {name: [] for name in runs}
     for _ in range(args.repeats):                                             # round-robin blocks
         for name, fn in runs.items():

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -265,10 +266,10 @@ class Attention(nn.Module):
         self.n_rep = self.n_heads // self.n_kv
         self.impl = cfg.attn_impl
         self.dropout = cfg.dropout
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:                                          # one RMSNorm over hd, shared by all heads
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, cfg.norm_impl)

@@ -27,6 +27,7 @@ from torch import nn
 from .attention import Attention, KVCache, build_mask
 from .config import LMConfig
 from .ffn import SwiGLU
+from .linear import Linear
 from .moe import MoEFeedForward
 from .norm import RMSNorm
 from .rope import rope_tables
@@ -94,7 +95,7 @@ class MiniMindLM(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_impl)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables_for(cfg)

@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import LMConfig
 from .ffn import SwiGLU
+from .linear import Linear
 
 
 def route(logits: torch.Tensor, k: int, norm_topk_prob: bool = True):
@@ -64,7 +65,7 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.num_experts, self.k = cfg.num_experts, cfg.num_experts_per_tok
         self.norm_topk_prob, self.aux_coef = cfg.norm_topk_prob, cfg.router_aux_loss_coef
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size, cfg.dropout)
                                      for _ in range(cfg.num_experts))
         self.aux_loss = torch.zeros(())

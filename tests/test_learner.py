@@ -60,6 +60,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from minimind_v.linear import Linear
 '''
 
 VISION_CLASSES = '''

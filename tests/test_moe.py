@@ -92,12 +92,14 @@ def hf_block(layer: MoEFeedForward, k: int, norm: bool):
 
 @pytest.mark.parametrize("k,norm", [(1, True), (2, True), (2, False)])
 def test_equals_transformers_qwen3_moe_block(k, norm):
-    # float32: transformers' router takes its softmax in float32 whatever the input dtype
+    # float32: transformers' router takes its softmax in float32 whatever the input dtype. An expert
+    # that gets at most 8 tokens runs them through `few_rows_linear`, whose sums are ordered unlike
+    # F.linear's: float32 rounding of a few 1e-6, hence 1e-5 (a wrong route or weight is off by ~0.1)
     layer = moe_layer(num_experts_per_tok=k, norm_topk_prob=norm, dtype=torch.float32)
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         out = layer(x)
-        torch.testing.assert_close(out, hf_block(layer, k, norm)(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out, hf_block(layer, k, norm)(x), rtol=1e-5, atol=1e-5)
     assert out.abs().max() > 0.1
 
 

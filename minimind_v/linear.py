@@ -1,0 +1,55 @@
+"""The language model's linear layers: `nn.Linear`, with a faster path for a few rows on a CPU.
+
+    y = x W^T          x (..., K), W (N, K) -> y (..., N)
+
+In training and prefill, x has hundreds or thousands of rows and `F.linear` runs one matrix
+product (GEMM) that is bound by arithmetic. A decoding step has one row per sequence: the product
+becomes a matrix-vector product that reads every weight once and does two FLOPs per weight read,
+so its speed is the speed of reading W from memory. The whole model's weights (~100 MB in
+float32) are read once per generated token.
+
+On a CPU, `F.linear` hands such a product to the BLAS as a GEMM with one column, and measured on
+this project's machines that reads weights at ~10 GB/s, a third of what the memory delivers
+(`benchmarks/bench_generate.py --steps-only` prints both). Splitting W into `c` blocks of rows
+and running the blocks as one batched product (`torch.bmm`, c problems of (N/c, K) x (K, R)) takes
+another path through the library that streams W at close to the memory's speed: the same dot
+products, each still summed over the full K, so the result differs from `F.linear`'s only by
+float rounding.
+
+`Linear` keeps `nn.Linear`'s parameters and state-dict names (`weight`, `bias`), so every
+checkpoint loads unchanged; only the forward differs, and only for float32 inputs on a CPU with
+at most `FEW_ROWS` rows. Everything else (training, GPUs, bf16) is `F.linear`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEW_ROWS = 8          # above this the GEMM is no longer bound by reading W, and F.linear wins
+BLOCKS = (8, 4, 2)    # the first that divides the output size N is used
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) as a batched product over row blocks of `weight`.
+    x (..., K), weight (N, K), bias (N,) or None -> (..., N)."""
+    N, K = weight.shape
+    c = next((c for c in BLOCKS if N % c == 0), 1)
+    rows = x.reshape(-1, K)                                              # (R, K)
+    xt = rows.t().unsqueeze(0).expand(c, K, rows.shape[0])               # (c, K, R): a view, no copy
+    y = torch.bmm(weight.view(c, N // c, K), xt)                         # (c, N/c, R)
+    y = y.reshape(N, rows.shape[0]).t()                                  # (R, N)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], N)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose forward uses `few_rows_linear` for a few float32 rows on a CPU (decoding)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.numel() <= FEW_ROWS * self.in_features and self.weight.is_contiguous()
+                and not torch.is_autocast_enabled("cpu")):
+            return few_rows_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)

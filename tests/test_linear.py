@@ -1,0 +1,56 @@
+"""minimind_v.linear: the few-rows product equals F.linear, and Linear is nn.Linear to a checkpoint."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minimind_v.linear import FEW_ROWS, Linear, few_rows_linear
+
+
+@pytest.mark.parametrize("n_out", [512, 1408, 6400, 132, 50, 7])      # blocks of 8, 8, 8, 4, 2, 1
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_linear_equals_f_linear(n_out, rows, bias):
+    g = torch.Generator().manual_seed(n_out * 10 + rows)
+    w = torch.randn(n_out, 96, generator=g)
+    b = torch.randn(n_out, generator=g) if bias else None
+    x = torch.randn(rows, 96, generator=g)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    got = few_rows_linear(x, w, b)
+    assert got.shape == (rows, n_out) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_few_rows_linear_keeps_leading_dims():
+    w, x = torch.randn(64, 32), torch.randn(2, 1, 32)                   # a decode step of two sequences
+    got = few_rows_linear(x, w)
+    assert got.shape == (2, 1, 64)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_takes_the_few_rows_path_only_for_few_float32_rows():
+    torch.manual_seed(0)
+    layer = Linear(48, 40)
+    few = torch.randn(1, FEW_ROWS, 48)
+    many = torch.randn(1, FEW_ROWS + 1, 48)
+    assert torch.equal(layer(few), few_rows_linear(few, layer.weight, layer.bias))
+    assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+    x64 = few.double()
+    layer64 = Linear(48, 40).double()
+    assert torch.equal(layer64(x64), F.linear(x64, layer64.weight, layer64.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):                    # autocast decides, as in nn.Linear
+        assert layer(few).dtype == torch.bfloat16
+
+
+def test_linear_is_nn_linear_to_a_checkpoint_and_to_autograd():
+    torch.manual_seed(1)
+    plain, ours = nn.Linear(24, 16), Linear(24, 16)
+    assert set(ours.state_dict()) == set(plain.state_dict()) == {"weight", "bias"}
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 24, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    ours(x).square().sum().backward()
+    plain(x2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-6)
