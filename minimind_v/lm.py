@@ -184,11 +184,60 @@ def next_token_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Next-token cross-entropy: position t predicts labels[t+1]; -100 labels are ignored.
 
-    logits (B, T, V), labels (B, T) -> scalar mean over the counted positions.
+    logits (B, T, V), labels (B, T) -> scalar mean over the counted positions, the value of
+    `F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=ignore_index)`,
+    computed by `cross_entropy` (the same numbers, less memory traffic).
     """
     targets = next_token_targets(labels, ignore_index)             # (B, T)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=ignore_index)
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """mean over counted rows of logsumexp(logits) - logits[target], row chunk by row chunk."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, chunk_size):
+        # logits (N, V) in their own dtype, targets (N,); every sum in >= float32
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        counted = targets != ignore_index                                   # (N,)
+        t_safe = torch.where(counted, targets, 0)[:, None]                  # (N, 1)
+        lse = torch.cat([c.to(acc).logsumexp(dim=-1) for c in logits.split(chunk_size)])   # (N,)
+        picked = logits.gather(1, t_safe)[:, 0].to(acc)                     # (N,) the target's logit
+        n = counted.sum()                            # 0 counted rows: nan, as F.cross_entropy
+        ctx.save_for_backward(logits, lse, t_safe, counted, n)
+        ctx.chunk_size = chunk_size
+        return ((lse - picked) * counted).sum() / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, lse, t_safe, counted, n = ctx.saved_tensors
+        grad = torch.empty_like(logits)                                     # (N, V), logits' dtype
+        scale = (counted.to(lse.dtype) * (grad_loss / n))[:, None]          # (N, 1): 0 on ignored rows
+        for s in range(0, logits.shape[0], ctx.chunk_size):
+            e = s + ctx.chunk_size
+            g = (logits[s:e].to(lse.dtype) - lse[s:e, None]).exp_()         # softmax (C, V), a new tensor
+            g.scatter_add_(1, t_safe[s:e], torch.full_like(t_safe[s:e], -1, dtype=g.dtype))   # - onehot
+            grad[s:e] = g.mul_(scale[s:e])
+        return grad, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  chunk_size: int = 64) -> torch.Tensor:
+    """`F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)` (the mean over counted
+    rows) without a float32 copy of all the logits. logits (N, V), targets (N,) -> scalar.
+
+    The plain statement converts the logits, the biggest tensor of a training step (4 x 640 x 6400
+    of them), to float32, keeps their log_softmax for backward and, in backward, fills a zero
+    gradient of that size, scatters into it, and converts it back. Here the forward reads the logits
+    once, `chunk_size` rows at a time in float32, and keeps one logsumexp per row; the backward
+    computes softmax - onehot chunk by chunk straight into a gradient of the logits' own dtype. The
+    same float32 math, so the values agree with the plain statement to float rounding
+    (`tests/test_lm.py`). Code being compiled gets the plain statement: the compiler fuses it itself.
+    """
+    if torch.compiler.is_compiling():
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+    with torch.autocast(logits.device.type, enabled=False):
+        return _CrossEntropy.apply(logits, targets, ignore_index, chunk_size)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -121,7 +121,7 @@ SOLUTIONS = {
     "03-rope": src(rope.rope_tables, rope.rotate_half, rope.apply_rope),
     "04-attention": src(attention.repeat_kv, attention.causal_mask, attention.attend, attention.KVCache),
     "05-transformer": "from minimind_v.attention import Attention\nfrom minimind_v.config import LMConfig\n"
-                      "from minimind_v.norm import RMSNorm\n\n"
+                      "from minimind_v.lm import cross_entropy\nfrom minimind_v.norm import RMSNorm\n\n"
                       + src(ffn.SwiGLU, lm.Block, lm.next_token_targets, lm.lm_loss),
     "07-vision-transformer": src(vision.quick_gelu, vision.patchify, vision.attention) + VISION_CLASSES,
     "08-projector-and-splice": "from minimind_v.splice import check_splice_args\n\n"

@@ -3,6 +3,9 @@
 - `linear_cross_entropy` (the loss of h @ W^T chunk by chunk, never holding all logits) equals
   `F.cross_entropy` on the full logits, loss and gradients, with ignored rows, chunks that do not
   divide the rows, a scaled backward, and under bf16 autocast within bf16's rounding.
+- `cross_entropy` (what `lm_loss` runs: the logits read chunk by chunk in float32, the gradient
+  written in their own dtype) equals `F.cross_entropy(logits.float(), ...)`, loss and gradients,
+  in float64, float32 and bf16, and leaves the logits untouched.
 - `chunked_lm_loss(model, ids, labels)` equals `lm_loss(model(ids), labels)` with the model's gradients.
 - `logits_at` given as flat int64 indices equals the boolean mask, and the model traces without a
   graph break under `torch.compile(fullgraph=True)`.
@@ -17,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from minimind_v.config import LMConfig
-from minimind_v.lm import (MiniMindLM, chunked_lm_loss, linear_cross_entropy, lm_loss, loss_positions,
-                           next_token_targets)
+from minimind_v.lm import (MiniMindLM, chunked_lm_loss, cross_entropy, linear_cross_entropy, lm_loss,
+                           loss_positions, next_token_targets)
 
 TINY = dict(vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
 
@@ -78,6 +81,40 @@ def test_linear_cross_entropy_under_bf16_autocast_is_close():
         assert (x - y).abs().max() <= 2e-2 * y.abs().max()
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 512])
+def test_cross_entropy_equals_f_cross_entropy_in_float64(chunk):
+    h, w, t = _inputs(N=41)
+    logits = (h @ w.t()) * 3                               # (41, 53), confident rows too
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ref = F.cross_entropy(a, t)
+    (2.5 * ref).backward()                                 # a scaled upstream gradient
+    out = cross_entropy(b, t, chunk_size=chunk)
+    (2.5 * out).backward()
+    assert out.dtype == torch.float64 and ref.item() > 1.0
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert b.grad[t == -100].abs().max() == 0 and b.grad.abs().max() > 1e-3
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.detach(), logits, rtol=0, atol=0)     # the logits are not written to
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_of_float32_and_bf16_logits_equals_the_float32_statement(dtype):
+    h, w, t = _inputs(N=300, D=32, V=400, dtype=torch.float32, seed=3)
+    logits = (h @ w.t() * 2).to(dtype)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ref = F.cross_entropy(a.float(), t)                    # lm_loss's former statement
+    ref.backward()
+    out = cross_entropy(b, t, chunk_size=64)
+    out.backward()
+    assert out.dtype == torch.float32 and b.grad.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    tol = 1e-7 if dtype == torch.float32 else 2e-3         # bf16: both round the same float32 numbers
+    torch.testing.assert_close(b.grad.float(), a.grad.float(), rtol=tol, atol=tol)
+    assert torch.equal(b.detach(), logits)
+    none = torch.full_like(t, -100)                        # no counted row: nan, as F.cross_entropy
+    assert F.cross_entropy(logits.float(), none).isnan() and cross_entropy(logits, none).isnan()
+
+
 def test_chunked_lm_loss_equals_lm_loss_with_model_grads():
     torch.manual_seed(0)
     model = MiniMindLM(LMConfig(**TINY)).double()
@@ -85,13 +122,13 @@ def test_chunked_lm_loss_equals_lm_loss_with_model_grads():
     labels = ids.clone()
     labels[0, :6] = -100
     params = list(model.parameters())
-    # lm_loss's own arithmetic in float64 (lm_loss itself casts the logits to float32)
+    # lm_loss's own arithmetic in float64
     ref = F.cross_entropy(model(ids).reshape(-1, 101), next_token_targets(labels).reshape(-1))
     g_ref = torch.autograd.grad(ref, params)
     out = chunked_lm_loss(model, ids, labels, chunk_size=16)
     g_out = torch.autograd.grad(out, params)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out.float(), lm_loss(model(ids), labels), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, lm_loss(model(ids), labels), rtol=1e-12, atol=1e-12)
     for a, b in zip(g_out, g_ref):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
