@@ -108,6 +108,18 @@ def upstream_model(repo: str, cfg: LMConfig, state: dict):
     return model
 
 
+PRODUCTS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::addbmm")
+
+
+def products_seconds(step) -> float:
+    """Seconds one step spends inside the matrix-product kernels (CPU: their self time under the
+    profiler), the part of a step that every contestant running the same products shares."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PRODUCTS) / 1e6
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -128,6 +140,9 @@ def main():
                     help="AdamW implementation, the same for every contestant")
     ap.add_argument("--compile", action="store_true", help="add ours/compiled (torch.compile of ours/fast)")
     ap.add_argument("--upstream-repo", default=None, help="a local copy of upstream MiniMind's repository")
+    ap.add_argument("--products", action="store_true",
+                    help="CPU: profile one more step of each of ours and print the time in matrix products, "
+                         "and from it the largest ratio to hf/sdpa that such a step could reach")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's dense peak for the dtype (e.g. 989 for an H100/H200 in bf16): prints MFU")
     args = ap.parse_args()
@@ -200,6 +215,14 @@ def main():
             mfu = f"  MFU {flops / med / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
             print(f"{name:<19} {med:8.3f} {tokens / med:10.0f} {statistics.median(ratios):10.2f}x{mfu}   "
                   + " ".join(f"{r:.2f}" for r in ratios) + " ; " + " ".join(f"{t:.2f}" for t in ts), flush=True)
+        if args.products and device.type == "cpu":
+            # a step is at least its matrix products: hf/sdpa's time over them bounds any speed-up
+            for name, step in contestants.items():
+                if name.startswith("ours/") and "compiled" not in name:
+                    p = products_seconds(step)
+                    share = p / statistics.median(times[name])
+                    print(f"  {name}: {p:.3f} s in matrix products ({share:.0%} of its step); with everything else "
+                          f"free it would be {statistics.median(base) / p:.2f}x hf/sdpa", flush=True)
         del contestants
 
 
