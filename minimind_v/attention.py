@@ -134,6 +134,16 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------
 
 
+def softmax_scores(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.softmax(-1, dtype=float32).to(scores.dtype)` (at least float32 inside, the scores'
+    dtype out) without the float32 copy: for bf16/fp16 scores torch's softmax kernel already
+    computes in float32 and rounds once, giving the same numbers (`tests/test_attention.py`); its
+    backward then works on the rounded probabilities, as the matmul after it does."""
+    if scores.dtype in (torch.bfloat16, torch.float16):
+        return scores.softmax(dim=-1)
+    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+
+
 def causal_attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 128,
                           dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Plain causal GQA attention (T == S, no padding, no cache) that skips the masked half and
@@ -168,7 +178,7 @@ def causal_attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
         bias.masked_fill_(~causal_mask(C, b, q.device).repeat_interleave(r, dim=0), float("-inf"))
         scores = torch.baddbmm(bias, q_blk.reshape(B * n_kv, C * r, hd),              # (B*H_kv, C*r, b)
                                k[:, :, :b].reshape(B * n_kv, b, hd).transpose(1, 2))
-        probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+        probs = softmax_scores(scores).to(q.dtype)
         probs = F.dropout(probs, p=dropout_p, training=training)
         o = torch.bmm(probs, v[:, :, :b].reshape(B * n_kv, b, hd))                    # (B*H_kv, C*r, hd)
         outs.append(o.view(B, n_kv, C, r, hd))
@@ -197,7 +207,7 @@ def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     if mask is not None:
         mask = mask if mask.dim() == 2 else mask[:, :, None]               # (T, S) or (B|1, 1, 1, T, S)
         scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-    probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    probs = softmax_scores(scores).to(q.dtype)
     probs = F.dropout(probs, p=dropout_p, training=training)
     out = probs.view(B, n_kv, r * T, S) @ v                                # (B, H_kv, r*T, hd)
     return out.view(B, n_kv, r, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H, hd)   # head = kv*r + rep

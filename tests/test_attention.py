@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from minimind_v.attention import (Attention, KVCache, attend, attend_grouped, build_mask, causal_attend_blocked,
-                                  causal_mask, repeat_kv)
+                                  causal_mask, repeat_kv, softmax_scores)
 from minimind_v.config import LMConfig
 from minimind_v.rope import apply_rope, rope_tables
 
@@ -130,6 +130,28 @@ def test_blocked_causal_bf16_close_to_float32():
     out = causal_attend_blocked(q.bfloat16(), k.bfloat16(), v.bfloat16(), block=64)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02)   # a few bf16 steps (2^-8)
+
+
+def test_softmax_scores_is_the_float32_softmax_in_the_scores_dtype():
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(3, 40, 300, generator=g) * 6
+    scores[:, :, 170:] = float("-inf")                    # masked keys, as the blocked path's bias gives
+    for dtype in (torch.bfloat16, torch.float16):
+        x = scores.to(dtype)
+        out = softmax_scores(x)
+        assert out.dtype == dtype
+        assert torch.equal(out, x.softmax(dim=-1, dtype=torch.float32).to(dtype))   # the same numbers
+    for dtype in (torch.float32, torch.float64):
+        x = scores.to(dtype)
+        assert torch.equal(softmax_scores(x), x.softmax(dim=-1))
+    # the backward: within bf16 rounding of the float32 backward
+    x = scores.bfloat16()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(3, 40, 300, generator=g).bfloat16()
+    softmax_scores(a).backward(grad)
+    a32 = b.float().detach().requires_grad_()
+    a32.softmax(dim=-1).backward(grad.float())
+    torch.testing.assert_close(a.grad.float(), a32.grad, rtol=0.02, atol=0.02 * a32.grad.abs().max().item())
 
 
 def test_manual_layer_uses_blocked_path_when_plain_causal(monkeypatch):
