@@ -47,7 +47,7 @@ from .checkpoint import atomic_save
 from .distributed import autocast, rng_state, seed_everything, setup_distributed
 from .freeze import FREEZE_RULES, GROUPS, apply_freeze, model_parts, param_groups
 from .features import with_feature_cache
-from .lm import IGNORE, count_parameters, loss_positions
+from .lm import IGNORE, count_parameters, cross_entropy, loss_positions
 from .plots import draw_loss_curve
 from .train_state import TrainingError, resume, save_checkpoint
 from .rundir import (CHECKPOINT, LOSS_PNG, METRICS, WEIGHTS, RunLock, clean_temp_files, keep_metrics_until,
@@ -189,7 +189,7 @@ def forward_loss(model, batch: dict, device: torch.device):
     logits_at, targets = loss_positions(labels)        # (B, T) bool, (K,)
     index = logits_at.flatten().nonzero()[:, 0]        # (K,) flat positions: a gather torch.compile traces
     logits = model(input_ids, logits_at=index, **kwargs)        # (K, V)
-    loss = F.cross_entropy(logits.float(), targets)
+    loss = cross_entropy(logits, targets)             # F.cross_entropy(logits.float(), targets), less traffic
     aux = getattr(getattr(model, "module", model), "aux_loss", None)     # MoE load balancing (DDP: .module)
     if aux is not None:
         loss = loss + aux
