@@ -215,6 +215,12 @@ def main():
             mfu = f"  MFU {flops / med / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
             print(f"{name:<19} {med:8.3f} {tokens / med:10.0f} {statistics.median(ratios):10.2f}x{mfu}   "
                   + " ".join(f"{r:.2f}" for r in ratios) + " ; " + " ".join(f"{t:.2f}" for t in ts), flush=True)
+        if "upstream" in times:              # the model a user would otherwise train
+            for name, ts in times.items():
+                if name.startswith("ours/"):
+                    r = [u / t for u, t in zip(times["upstream"], ts)]
+                    print(f"  {name} vs upstream: {statistics.median(r):.2f}x (per round "
+                          + " ".join(f"{x:.2f}" for x in r) + ")", flush=True)
         if args.products and device.type == "cpu":
             # a step is at least its matrix products: hf/sdpa's time over them bounds any speed-up
             for name, step in contestants.items():
