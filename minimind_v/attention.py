@@ -178,7 +178,7 @@ def causal_attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
         bias.masked_fill_(~causal_mask(C, b, q.device).repeat_interleave(r, dim=0), float("-inf"))
         scores = torch.baddbmm(bias, q_blk.reshape(B * n_kv, C * r, hd),              # (B*H_kv, C*r, b)
                                k[:, :, :b].reshape(B * n_kv, b, hd).transpose(1, 2))
-        probs = softmax_scores(scores).to(q.dtype)
+        probs = softmax_scores(scores)
         probs = F.dropout(probs, p=dropout_p, training=training)
         o = torch.bmm(probs, v[:, :, :b].reshape(B * n_kv, b, hd))                    # (B*H_kv, C*r, hd)
         outs.append(o.view(B, n_kv, C, r, hd))
@@ -207,7 +207,7 @@ def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     if mask is not None:
         mask = mask if mask.dim() == 2 else mask[:, :, None]               # (T, S) or (B|1, 1, 1, T, S)
         scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-    probs = softmax_scores(scores).to(q.dtype)
+    probs = softmax_scores(scores)
     probs = F.dropout(probs, p=dropout_p, training=training)
     out = probs.view(B, n_kv, r * T, S) @ v                                # (B, H_kv, r*T, hd)
     return out.view(B, n_kv, r, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H, hd)   # head = kv*r + rep

@@ -192,6 +192,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
     return cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index)
 
 
+def _softmax_minus_onehot_(z: torch.Tensor, t_safe: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy's gradient, in place of z = logits - logsumexp (C, V) in float:
+    (softmax - onehot(target)) * scale, with t_safe (C, 1) the targets, scale (C, 1) (0 on ignored rows)."""
+    z.exp_()                                                                # softmax
+    z.scatter_add_(1, t_safe, torch.full_like(t_safe, -1, dtype=z.dtype))  # - onehot
+    return z.mul_(scale)
+
+
 class _CrossEntropy(torch.autograd.Function):
     """mean over counted rows of logsumexp(logits) - logits[target], row chunk by row chunk."""
 
@@ -215,9 +223,8 @@ class _CrossEntropy(torch.autograd.Function):
         scale = (counted.to(lse.dtype) * (grad_loss / n))[:, None]          # (N, 1): 0 on ignored rows
         for s in range(0, logits.shape[0], ctx.chunk_size):
             e = s + ctx.chunk_size
-            g = (logits[s:e].to(lse.dtype) - lse[s:e, None]).exp_()         # softmax (C, V), a new tensor
-            g.scatter_add_(1, t_safe[s:e], torch.full_like(t_safe[s:e], -1, dtype=g.dtype))   # - onehot
-            grad[s:e] = g.mul_(scale[s:e])
+            z = logits[s:e].to(lse.dtype) - lse[s:e, None]                  # (C, V), a new tensor
+            grad[s:e] = _softmax_minus_onehot_(z, t_safe[s:e], scale[s:e])
         return grad, None, None, None
 
 
@@ -232,7 +239,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     once, `chunk_size` rows at a time in float32, and keeps one logsumexp per row; the backward
     computes softmax - onehot chunk by chunk straight into a gradient of the logits' own dtype. The
     same float32 math, so the values agree with the plain statement to float rounding
-    (`tests/test_lm.py`). Code being compiled gets the plain statement: the compiler fuses it itself.
+    (`tests/test_speed_paths.py`). Code being compiled gets the plain statement: the compiler fuses
+    it itself.
     """
     if torch.compiler.is_compiling():
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
@@ -259,11 +267,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = logits.logsumexp(dim=-1)                                  # (C,)
             t_safe = torch.where(m_c, t_c, 0)[:, None]                      # (C, 1)
             total += ((lse - logits.gather(1, t_safe)[:, 0]) * m_c).sum()
-            # d(sum of counted losses)/d logits = softmax - onehot(target), zero on ignored rows
-            g = logits.sub_(lse[:, None]).exp_()                            # (C, V), in place
-            g.scatter_add_(1, t_safe, torch.full_like(t_safe, -1, dtype=g.dtype))
-            g.mul_((m_c.to(acc) / n)[:, None])
-            g = g.to(dtype)
+            # d(mean of counted losses)/d logits = (softmax - onehot(target)) / n, zero on ignored rows
+            logits.sub_(lse[:, None])                                       # (C, V), in place: its own
+            g = _softmax_minus_onehot_(logits, t_safe, (m_c.to(acc) / n)[:, None]).to(dtype)
             grad_h[s:s + chunk_size] = g @ wc                               # (C, D)
             if dtype == acc:
                 grad_w.addmm_(g.t(), h_c)                                   # (V, D)
