@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
-from .linear import Linear
+from .linear import Linear, shared_input_linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -290,9 +290,10 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (B, T, D) -> q (B, T, H, hd), k, v (B, T, H_kv, hd), q and k rotated to their positions."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)    # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)       # (B, T, H_kv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        q, k, v = shared_input_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_heads, self.hd)                  # (B, T, H, hd)
+        k = k.view(B, T, self.n_kv, self.hd)                     # (B, T, H_kv, hd)
+        v = v.view(B, T, self.n_kv, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)                # per head, over hd
         q, k = apply_rope(q, k, cos, sin)

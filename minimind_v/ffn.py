@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear
+from .linear import Linear, shared_input_linear
 
 
 class SwiGLU(nn.Module):
@@ -25,4 +25,5 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (B, T, D) -> (B, T, F) -> (B, T, D)
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        gate, up = shared_input_linear(x, self.gate_proj, self.up_proj)    # (B, T, F) each
+        return self.dropout(self.down_proj(F.silu(gate) * up))

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimind_v.linear import Linear
+from minimind_v.linear import Linear, shared_input_linear
 '''
 
 VISION_CLASSES = '''

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimind_v.linear import FEW_ROWS, Linear, few_rows_linear
+from minimind_v.linear import FEW_ROWS, Linear, few_rows_linear, shared_input_linear
 
 
 @pytest.mark.parametrize("n_out", [512, 1408, 6400, 132, 50, 7])      # blocks of 8, 8, 8, 4, 2, 1
@@ -54,3 +54,64 @@ def test_linear_is_nn_linear_to_a_checkpoint_and_to_autograd():
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def _three_layers(dtype=torch.float64):
+    torch.manual_seed(0)
+    return [Linear(48, n, bias=False).to(dtype) for n in (64, 16, 16)]
+
+
+def test_shared_input_linear_equals_the_separate_layers_and_their_gradients():
+    layers = _three_layers()
+    x = torch.randn(3, 20, 48, dtype=torch.float64, requires_grad=True)
+    got = shared_input_linear(x, *layers)
+    want = [layer(x) for layer in layers]
+    assert [g.shape for g in got] == [(3, 20, 64), (3, 20, 16), (3, 20, 16)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    # a different weight on each output, so a gradient in the wrong columns shows
+    weights = [torch.randn_like(w) for w in want]
+    grads_got = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, weights)),
+                                    [x] + [layer.weight for layer in layers])
+    grads_want = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, weights)),
+                                     [x] + [layer.weight for layer in layers])
+    for g, w in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_input_linear_with_an_unused_output():
+    layers = _three_layers()
+    x = torch.randn(2, 12, 48, dtype=torch.float64, requires_grad=True)
+    q, k, v = shared_input_linear(x, *layers)
+    (q.sum() + v.square().sum()).backward()                                # k unused: no gradient
+    assert torch.equal(layers[1].weight.grad, torch.zeros_like(layers[1].weight))
+    got = [x.grad] + [layer.weight.grad for layer in layers]
+    x.grad = None
+    for layer in layers:
+        layer.weight.grad = None
+    (layers[0](x).sum() + layers[2](x).square().sum()).backward()
+    for g, w in zip(got, [x.grad] + [layer.weight.grad for layer in layers]):
+        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_input_linear_keeps_the_separate_layers_for_few_rows_and_biases():
+    layers = _three_layers(torch.float32)
+    few = torch.randn(1, FEW_ROWS, 48)
+    for g, layer in zip(shared_input_linear(few, *layers), layers):
+        assert torch.equal(g, layer(few))                                   # the few-rows path, exactly
+    torch.manual_seed(1)
+    biased = [Linear(48, 8), Linear(48, 8)]
+    many = torch.randn(2, 30, 48)
+    for g, layer in zip(shared_input_linear(many, *biased), biased):
+        assert torch.equal(g, layer(many))
+
+
+def test_shared_input_linear_under_bf16_autocast():
+    layers = _three_layers(torch.float32)
+    x = torch.randn(4, 30, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = shared_input_linear(x, *layers)
+        want = [layer(x) for layer in layers]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w.float(), rtol=8e-3, atol=1e-3)
