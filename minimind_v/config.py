@@ -47,7 +47,8 @@ class LMConfig:
     dropout: float = 0.0
     tie_word_embeddings: bool = True
     attn_impl: str = "manual"    # "manual": hand-written softmax(QK^T)V; "sdpa": F.scaled_dot_product_attention
-    norm_impl: str = "eager"     # "eager": RMSNorm from raw ops; "fused": the kernels/ custom op
+    norm_impl: str = "auto"      # "eager": RMSNorm from raw ops; "fused": the kernels/ custom op;
+                                 # "auto": fused where it can run, else eager (norm.RMSNorm says when)
     # mixture of experts (moe.py), used when use_moe: every FFN becomes num_experts SwiGLUs and a router
     use_moe: bool = False
     num_experts: int = 4
@@ -76,8 +77,8 @@ class LMConfig:
             raise ValueError(f"rope_scaling must be a dict (upstream's YaRN keys) or None, got {self.rope_scaling!r}")
         if self.attn_impl not in ("manual", "sdpa"):
             raise ValueError(f"attn_impl must be 'manual' or 'sdpa', got {self.attn_impl!r}")
-        if self.norm_impl not in ("eager", "fused"):
-            raise ValueError(f"norm_impl must be 'eager' or 'fused', got {self.norm_impl!r}")
+        if self.norm_impl not in ("auto", "eager", "fused"):
+            raise ValueError(f"norm_impl must be 'auto', 'eager' or 'fused', got {self.norm_impl!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -108,8 +108,12 @@ def _build(with_cuda: bool, verbose: bool) -> Path:
     key.update(repr((torch.__version__, torch.version.cuda, sys.version_info[:2], cflags, cuda_flags)).encode())
     build_dir = _cache_root() / key.hexdigest()[:16]
     build_dir.mkdir(parents=True, exist_ok=True)
+    name = "minimind_rmsnorm_cuda" if with_cuda else "minimind_rmsnorm"
+    if not (build_dir / f"{name}.so").exists():       # a first build takes a while: say what it is
+        print(f"minimind_v: compiling the kernels in {KERNELS_DIR} into {build_dir} "
+              "(once per machine and torch version)", file=sys.stderr, flush=True)
     cpp_ext.load(
-        name="minimind_rmsnorm_cuda" if with_cuda else "minimind_rmsnorm",
+        name=name,
         sources=[str(s) for s in sources],
         extra_cflags=cflags,
         extra_cuda_cflags=cuda_flags,

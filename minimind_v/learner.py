@@ -78,9 +78,10 @@ NOT_CALLED = {
 
 # ------------------------------------------------------------------------------ adapters
 def _rmsnorm(mine, ref):
-    """The model builds RMSNorm(dim, eps, impl); yours takes (dim, eps): the fused impl stays ours."""
-    def RMSNorm(dim, eps=1e-5, impl="eager"):
-        return mine(dim, eps) if impl == "eager" else ref(dim, eps, impl)
+    """The model builds RMSNorm(dim, eps, impl); yours takes (dim, eps) and replaces the default
+    ("auto") and the eager one; an explicit impl="fused" stays ours."""
+    def RMSNorm(dim, eps=1e-5, impl="auto"):
+        return mine(dim, eps) if impl in ("auto", "eager") else ref(dim, eps, impl)
     return RMSNorm, 1
 
 

@@ -27,6 +27,7 @@ statistics are float32 (float64 for float64 x).
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 
@@ -52,6 +53,26 @@ def load(verbose: bool = False):
             _register()
             _registered = True
     return build_dir
+
+
+_available: bool | None = None
+
+
+def available() -> bool:
+    """Whether the kernels can run in this process, building or loading them on the first call.
+    Where they cannot (no C++ compiler, no ninja, no `kernels/` sources next to the package, a
+    failed build) this warns once, with the reason, and returns False: `RMSNorm(impl="auto")` then
+    runs the eager ops."""
+    global _available
+    if _available is None:
+        try:
+            load()
+            _available = True
+        except (RuntimeError, OSError, ImportError) as e:
+            _available = False
+            warnings.warn(f"minimind_v: the fused RMSNorm kernels cannot run here, so RMSNorm runs its "
+                          f"eager ops (the same numbers, slower): {e}", stacklevel=2)
+    return _available
 
 
 def __getattr__(name):

@@ -271,3 +271,58 @@ def test_lm_under_bf16_autocast_fused_matches_eager():
             logits[impl] = model(ids).float()
     assert logits["eager"].abs().max() > 0
     torch.testing.assert_close(logits["fused"], logits["eager"], atol=3e-2, rtol=3e-2)
+
+
+# ----------------------------------------------------------------------------- impl="auto", the default
+def _fused_ran(module, x) -> bool:
+    from torch.profiler import profile
+    with profile() as prof:
+        module(x)
+    return any("minimind::fused_rms_norm" in e.key for e in prof.key_averages())
+
+
+def test_auto_is_the_default_and_runs_the_fused_op_on_a_cpu_only():
+    from minimind_v.config import LMConfig
+    assert LMConfig().norm_impl == "auto" and RMSNorm(8).impl == "auto"
+    torch.manual_seed(0)
+    auto, eager = RMSNorm(32), RMSNorm(32, impl="eager")
+    with torch.no_grad():
+        auto.weight.uniform_(0.5, 1.5)
+        eager.weight.copy_(auto.weight)
+    x = torch.randn(3, 7, 32)
+    assert _fused_ran(auto, x) and not _fused_ran(eager, x)
+    torch.testing.assert_close(auto(x), eager(x), atol=1e-6, rtol=1e-5)
+    y = RMSNorm(32).to("meta")(torch.empty(2, 32, device="meta"))   # another device: the eager ops
+    assert y.device.type == "meta" and y.shape == (2, 32)
+
+
+def test_auto_runs_a_replaced_rms_norm(monkeypatch):
+    """Learner mode replaces `norm.rms_norm`; "auto" must then run that function, not the kernel."""
+    from minimind_v import norm
+    calls = []
+
+    def mine(x, weight, eps=1e-5):
+        calls.append(x.shape)
+        return norm._REFERENCE_RMS_NORM(x, weight, eps)
+
+    monkeypatch.setattr(norm, "rms_norm", mine)
+    x = torch.randn(4, 16)
+    assert not _fused_ran(RMSNorm(16), x) and calls == [(4, 16)]
+
+
+def test_auto_falls_back_to_eager_with_one_warning_where_the_kernels_cannot_run(monkeypatch):
+    def cannot(verbose=False):
+        raise RuntimeError("missing a C++ compiler ('c++' is not on PATH)")
+
+    monkeypatch.setattr(ops, "_available", None)
+    monkeypatch.setattr(ops, "load", cannot)
+    torch.manual_seed(0)
+    auto, x = RMSNorm(16), torch.randn(5, 16)
+    with pytest.warns(UserWarning, match=r"RMSNorm runs its eager ops.*'c\+\+' is not on PATH"):
+        y = auto(x)
+    torch.testing.assert_close(y, rms_norm(x, auto.weight, auto.eps), atol=0, rtol=0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # said once: no second warning
+        auto(x)
+    assert ops._available is False

@@ -64,6 +64,19 @@ from torch import nn
 from minimind_v.linear import Linear, shared_input_linear
 '''
 
+RMSNORM_CLASS = '''
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+'''
+
 VISION_CLASSES = '''
 class VisionAttention(nn.Module):
     def __init__(self, cfg):
@@ -117,7 +130,7 @@ def src(*objs) -> str:
 
 
 SOLUTIONS = {
-    "02-rmsnorm": src(norm._acc_dtype, norm.rms_norm_forward, norm.rms_norm, norm.RMSNorm),
+    "02-rmsnorm": src(norm._acc_dtype, norm.rms_norm_forward, norm.rms_norm) + RMSNORM_CLASS,
     "03-rope": src(rope.rope_tables, rope.rotate_half, rope.apply_rope),
     "04-attention": src(attention.repeat_kv, attention.causal_mask, attention.attend, attention.KVCache),
     "05-transformer": "from minimind_v.attention import Attention\nfrom minimind_v.config import LMConfig\n"
