@@ -1,8 +1,8 @@
-"""Training-step time with and without `train.keep_freed_memory`, in alternating fresh processes.
+"""Training-step time with and without `cpu_memory.keep_freed_memory`, in alternating fresh processes.
 
 glibc gives large blocks their own mappings and hands them back to the OS when they are freed,
 so every step's activations arrive as fresh pages and each first write is a page fault.
-`keep_freed_memory` (called by `train()` on a CPU) raises glibc's mmap and trim thresholds so the
+`keep_freed_memory` (called when a `MiniMindLM` is built) raises glibc's mmap and trim thresholds so the
 freed memory stays in the heap and the next step reuses it. A malloc setting is global to a
 process, so each measurement is a fresh process; the two kinds alternate, and the medians of
 their step times and their minor page faults per step are printed with the ratio.
@@ -31,9 +31,11 @@ def child(shape: str, keep: bool, steps: int, threads: int) -> dict:
 
     import torch
 
+    from minimind_v import cpu_memory
     if keep:
-        from minimind_v.train import keep_freed_memory
-        assert keep_freed_memory(), "keep_freed_memory did not apply (not Linux with glibc?)"
+        assert cpu_memory.keep_freed_memory(), "keep_freed_memory did not apply (not Linux with glibc?)"
+    else:                                       # building a MiniMindLM would apply it: opt out
+        os.environ[cpu_memory.ENV] = "0"
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_sft_rows import build
     from minimind_v.freeze import param_groups

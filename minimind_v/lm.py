@@ -26,6 +26,7 @@ from torch import nn
 
 from .attention import Attention, KVCache, build_mask
 from .config import LMConfig
+from .cpu_memory import keep_freed_memory
 from .ffn import SwiGLU
 from .linear import Linear
 from .moe import MoEFeedForward
@@ -104,6 +105,7 @@ class MiniMindLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.aux_loss = torch.zeros(())      # the MoE layers' load-balancing loss of the last forward
         self.apply(self._init_weights)
+        keep_freed_memory()   # malloc reuses freed activations, no page faults every step (cpu_memory.py)
 
     @staticmethod
     def _init_weights(module):

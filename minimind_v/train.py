@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import atomic_save
+from .cpu_memory import keep_freed_memory
 from .distributed import autocast, rng_state, seed_everything, setup_distributed
 from .freeze import FREEZE_RULES, GROUPS, apply_freeze, model_parts, param_groups
 from .features import with_feature_cache
@@ -134,30 +135,6 @@ def native_bf16(device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-# ----------------------------------------------------------------------------- memory (CPU)
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of giving it back to the OS.
-
-    By default glibc gives a large block (from 128 KiB; the bar rises with use, up to 32 MiB) a
-    mapping of its own, unmapped when freed, and trims the free top of its heap. A training step
-    frees its activations and allocates them again the next step, so each step gets fresh pages,
-    and the first write to every page is a page fault: 3000-5000 a step in the demo's SFT, about a
-    tenth of its time. With both thresholds raised, freed memory stays in the heap and is reused
-    (the process keeps its peak size; a training run would reach it again anyway). Linux with glibc
-    only: elsewhere nothing changes. Returns whether it applied."""
-    import ctypes
-    import platform
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                      # <malloc.h>
-    # both: setting either one alone turns off glibc's own adjustment of the other
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
 # ----------------------------------------------------------------------------- the schedule

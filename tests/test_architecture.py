@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "minimind_v"
 
 FLOORS = {
-    0: ["config", "atomic_dir", "linear"],
+    0: ["config", "atomic_dir", "linear", "cpu_memory"],
     1: ["rope", "ffn", "image", "splice", "kernel_build", "safetensors_io", "torchscript_archive",
         "bpe", "templates", "lesson_progress", "scenes", "objects", "first_release",
         "options", "plots",
