@@ -20,8 +20,8 @@ float rounding.
 checkpoint loads unchanged; only the forward differs, and only for float32 inputs on a CPU with
 at most `FEW_ROWS` rows. Everything else (training, GPUs, bf16) is `F.linear`.
 
-`shared_input_linear` is the other half: several layers that read the same input (q/k/v, gate/up)
-run as one product over their stacked weights, each layer keeping its own parameters.
+`shared_input_linear` is the other half: under autocast, several layers that read the same input
+(q/k/v, gate/up) run as one product over their stacked weights, each keeping its own parameters.
 """
 from __future__ import annotations
 
@@ -60,16 +60,20 @@ class Linear(nn.Linear):
 
 
 def shared_input_linear(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """(layer(x) for layer in layers), computed as one product: x (..., K) -> a tuple of (..., N_i).
+    """(layer(x) for layer in layers); under autocast computed as one product: x (..., K) -> a
+    tuple of (..., N_i).
 
-    q, k and v are three products of the same normed x, and so are gate and up. With their weights
-    stacked, W = [W_1; W_2; ...] (N_1 + N_2 + ..., K), x is read once (under autocast, cast to
-    bf16 once instead of once per layer), and in backward its gradient comes out of one product
-    instead of being summed from several. The outputs are column slices of one (..., sum N_i)
-    tensor. Decoding (a few rows) keeps the separate layers: stacking copies the weights, and
-    reading the weights is all a decoding step does. Layers with a bias keep them too.
+    q, k and v are three products of the same normed x, and so are gate and up. Under autocast each
+    layer casts x to bf16 on its own, and in backward its gradient is summed from the layers' in
+    float32. With their weights stacked, W = [W_1; W_2; ...] (N_1 + N_2 + ..., K), x is cast once
+    and its gradient comes out of one product; the outputs are column slices of one
+    (..., sum N_i) tensor. In float32 there is no cast to save, and measured, the stacked product
+    gains nothing on the real model and costs ~5% of a step on the demo's small one, so the layers
+    stay separate; so do a few rows (decoding: stacking copies the weights, and reading the
+    weights is all a decoding step does) and layers with a bias.
     """
-    if x.numel() <= FEW_ROWS * x.shape[-1] or any(layer.bias is not None for layer in layers):
+    if (not torch.is_autocast_enabled(x.device.type) or x.numel() <= FEW_ROWS * x.shape[-1]
+            or any(layer.bias is not None for layer in layers)):
         return tuple(layer(x) for layer in layers)
     y = F.linear(x, torch.cat([layer.weight for layer in layers]))         # (..., sum N_i)
     return _SplitLast.apply(y, [layer.out_features for layer in layers])

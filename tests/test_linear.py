@@ -61,10 +61,16 @@ def _three_layers(dtype=torch.float64):
     return [Linear(48, n, bias=False).to(dtype) for n in (64, 16, 16)]
 
 
+STACKED = dict(device_type="cpu", dtype=torch.bfloat16)   # autocast, where the product is stacked;
+# float64 tensors are not cast by autocast, so these tests compare the stacked path in float64
+
+
 def test_shared_input_linear_equals_the_separate_layers_and_their_gradients():
     layers = _three_layers()
     x = torch.randn(3, 20, 48, dtype=torch.float64, requires_grad=True)
-    got = shared_input_linear(x, *layers)
+    with torch.autocast(**STACKED):
+        got = shared_input_linear(x, *layers)
+    assert got[0]._base is not None                       # column slices of one product
     want = [layer(x) for layer in layers]
     assert [g.shape for g in got] == [(3, 20, 64), (3, 20, 16), (3, 20, 16)]
     for g, w in zip(got, want):
@@ -82,7 +88,8 @@ def test_shared_input_linear_equals_the_separate_layers_and_their_gradients():
 def test_shared_input_linear_with_an_unused_output():
     layers = _three_layers()
     x = torch.randn(2, 12, 48, dtype=torch.float64, requires_grad=True)
-    q, k, v = shared_input_linear(x, *layers)
+    with torch.autocast(**STACKED):
+        q, k, v = shared_input_linear(x, *layers)
     (q.sum() + v.square().sum()).backward()                                # k unused: no gradient
     assert torch.equal(layers[1].weight.grad, torch.zeros_like(layers[1].weight))
     got = [x.grad] + [layer.weight.grad for layer in layers]
@@ -94,16 +101,19 @@ def test_shared_input_linear_with_an_unused_output():
         torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, rtol=1e-12, atol=1e-12)
 
 
-def test_shared_input_linear_keeps_the_separate_layers_for_few_rows_and_biases():
+def test_shared_input_linear_keeps_the_separate_layers_outside_autocast_for_few_rows_and_biases():
     layers = _three_layers(torch.float32)
-    few = torch.randn(1, FEW_ROWS, 48)
-    for g, layer in zip(shared_input_linear(few, *layers), layers):
-        assert torch.equal(g, layer(few))                                   # the few-rows path, exactly
-    torch.manual_seed(1)
-    biased = [Linear(48, 8), Linear(48, 8)]
     many = torch.randn(2, 30, 48)
-    for g, layer in zip(shared_input_linear(many, *biased), biased):
-        assert torch.equal(g, layer(many))
+    for g, layer in zip(shared_input_linear(many, *layers), layers):        # float32: separate
+        assert torch.equal(g, layer(many)) and g._base is None
+    few = torch.randn(1, FEW_ROWS, 48)
+    with torch.autocast(**STACKED):
+        for g, layer in zip(shared_input_linear(few, *layers), layers):
+            assert torch.equal(g, layer(few))                               # decoding: separate
+        torch.manual_seed(1)
+        biased = [Linear(48, 8), Linear(48, 8)]
+        for g, layer in zip(shared_input_linear(many, *biased), biased):
+            assert torch.equal(g, layer(many))
 
 
 def test_shared_input_linear_under_bf16_autocast():
