@@ -237,6 +237,35 @@ std::tuple<at::Tensor, at::Tensor> fused_rms_norm_forward_cpu(const at::Tensor& 
   return {y, rstd};
 }
 
+// Under autocast: float32 x and w, y written straight in autocast's dtype (bf16/fp16), the value
+// the next product's cast would make of the float32 y, without the float32 y and the cast pass.
+std::tuple<at::Tensor, at::Tensor> fused_rms_norm_forward_to_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                                                                 double eps, at::ScalarType dtype) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "fused_rms_norm_forward_to: x and weight must be float32, got ", x_in.scalar_type(), " and ",
+              weight.scalar_type());
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+              "fused_rms_norm_forward_to: dtype must be bfloat16 or float16, got ", dtype);
+  check_and_out_dtype(x_in, weight, "fused_rms_norm_forward_to");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t D = x.size(-1);
+  const int64_t N = D == 0 ? 0 : x.numel() / D;
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(dtype));
+  auto rstd_shape = x.sizes().vec();
+  rstd_shape.pop_back();
+  at::Tensor rstd = at::empty(rstd_shape, x.options());
+  if (N == 0 || D == 0) return {y, rstd};
+  const at::Tensor w = weight.contiguous();
+  if (dtype == at::kBFloat16) {
+    forward_kernel<float, at::BFloat16>(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                                        y.data_ptr<at::BFloat16>(), rstd.data_ptr<float>(), N, D, eps);
+  } else {
+    forward_kernel<float, at::Half>(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                                    y.data_ptr<at::Half>(), rstd.data_ptr<float>(), N, D, eps);
+  }
+  return {y, rstd};
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_rms_norm_backward_cpu(const at::Tensor& grad_y,
                                                                const at::Tensor& x_in,
                                                                const at::Tensor& weight,
@@ -248,7 +277,10 @@ std::tuple<at::Tensor, at::Tensor> fused_rms_norm_backward_cpu(const at::Tensor&
   TORCH_CHECK(rstd_in.numel() * x_in.size(-1) == x_in.numel(),
               "fused_rms_norm_backward: rstd must hold one value per row of x");
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor g = grad_y.to(out_dtype).contiguous();
+  // a bf16/fp16 grad_y of float32 x (from fused_rms_norm_forward_to) is read as it is, widened on load
+  const auto gt = grad_y.scalar_type();
+  const bool reduced_g = x.scalar_type() == at::kFloat && (gt == at::kBFloat16 || gt == at::kHalf);
+  const at::Tensor g = (reduced_g ? grad_y : grad_y.to(out_dtype)).contiguous();
   const at::Tensor rstd = rstd_in.to(acc_dtype).contiguous();
   const int64_t D = x.size(-1);
   const int64_t N = D == 0 ? 0 : x.numel() / D;
@@ -259,6 +291,14 @@ std::tuple<at::Tensor, at::Tensor> fused_rms_norm_backward_cpu(const at::Tensor&
   const at::Tensor w = weight.to(acc_dtype).contiguous();
   const int64_t num_blocks = std::min(N, kMaxDwBlocks);
   at::Tensor dw_partial = at::zeros({num_blocks, D}, x.options().dtype(acc_dtype));  // (blocks, D)
+  if (reduced_g) {
+    auto run = [&](auto* g_ptr) {
+      backward_kernel<float>(g_ptr, x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                             rstd.const_data_ptr<float>(), dx.data_ptr<float>(), dw_partial.data_ptr<float>(),
+                             num_blocks, N, D);
+    };
+    if (gt == at::kBFloat16) run(g.const_data_ptr<at::BFloat16>()); else run(g.const_data_ptr<at::Half>());
+  } else
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_rms_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (out_dtype == x.scalar_type()) {
@@ -294,12 +334,15 @@ std::tuple<at::Tensor, at::Tensor> fused_rms_norm_backward_cpu(const at::Tensor&
 TORCH_LIBRARY(minimind, m) {
   // y (..., D) in promote(x, w) dtype; rstd (...) = 1 / sqrt(mean(x^2) + eps), float32 (float64 for float64 x)
   m.def("fused_rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // the same for float32 x and w with y in `dtype` (bf16/fp16: autocast's), CPU only
+  m.def("fused_rms_norm_forward_to(Tensor x, Tensor weight, float eps, ScalarType dtype) -> (Tensor, Tensor)");
   // dx (..., D) in x's dtype, dw (D,) in weight's dtype
   m.def("fused_rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minimind, CPU, m) {
   m.impl("fused_rms_norm_forward", &fused_rms_norm_forward_cpu);
+  m.impl("fused_rms_norm_forward_to", &fused_rms_norm_forward_to_cpu);
   m.impl("fused_rms_norm_backward", &fused_rms_norm_backward_cpu);
 }
 

@@ -12,7 +12,8 @@ fused C++/CUDA op from `kernels/` ("fused", see `minimind_v.ops`). `rms_norm_bac
 `RMSNormFunction` are the backward derived by hand, which the fused kernels implement.
 The default, "auto", runs the fused op on a CPU and `rms_norm` everywhere else (`_fused_here`):
 the two compute the same numbers, and the eager ops, five passes over memory forward and more
-backward, were a tenth of a bf16 training step.
+backward, were a tenth of a bf16 training step. Under CPU autocast the fused op writes y in
+autocast's dtype (`ops.fused_rms_norm_to`): the product that follows would cast it to that anyway.
 """
 from __future__ import annotations
 
@@ -88,6 +89,15 @@ def _fused_here(x: torch.Tensor) -> bool:
     return ops.available()
 
 
+def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """bf16/fp16 when the fused norm runs under CPU autocast on float32 x and weight, else None."""
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return None
+    low = torch.get_autocast_dtype("cpu")
+    ok = x.dtype == weight.dtype == torch.float32 and low in (torch.bfloat16, torch.float16)
+    return low if ok else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, impl: str = "auto"):
         super().__init__()
@@ -100,6 +110,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "fused" or (self.impl == "auto" and _fused_here(x)):
             from . import ops  # the kernels are built/loaded on the first call
+            low = _autocast_dtype(x, self.weight)
+            if low is not None:   # the next product would cast y to it: write it in that dtype at once
+                return ops.fused_rms_norm_to(x, self.weight, self.eps, low)
             return ops.fused_rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 

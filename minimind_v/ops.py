@@ -111,6 +111,22 @@ def _register() -> None:
 
     torch.library.register_autograd("minimind::fused_rms_norm_forward", _backward, setup_context=_setup_context)
 
+    @torch.library.register_fake("minimind::fused_rms_norm_forward_to")
+    def _forward_to_fake(x, weight, eps, dtype):
+        return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[:-1])
+
+    def _setup_context_to(ctx, inputs, output):
+        x, weight, _eps, _dtype = inputs
+        ctx.save_for_backward(x, weight, output[1])
+
+    def _backward_to(ctx, grad_y, _grad_rstd):
+        x, weight, rstd = ctx.saved_tensors   # grad_y in the low dtype: the kernel reads it as it is
+        dx, dw = torch.ops.minimind.fused_rms_norm_backward(grad_y, x, weight, rstd)
+        return dx, dw, None, None
+
+    torch.library.register_autograd("minimind::fused_rms_norm_forward_to", _backward_to,
+                                    setup_context=_setup_context_to)
+
     # -- the splice
     @torch.library.register_fake("minimind::splice_rows")
     def _splice_rows_fake(h, images, starts):
@@ -162,6 +178,16 @@ _lib.impl("fused_rms_norm", _fused_rms_norm_composite, "CompositeImplicitAutogra
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """x (..., D), weight (D,) -> (..., D): the fused kernel, same result as `norm.rms_norm`."""
     return torch.ops.minimind.fused_rms_norm(x, weight, eps)
+
+
+def fused_rms_norm_to(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """float32 x (..., D) and weight (D,) on a CPU -> y (..., D) in `dtype` (bf16 or fp16): the value
+    `fused_rms_norm(x, weight, eps).to(dtype)` has, written once. Under autocast the product after a
+    norm casts its input to that dtype anyway; writing it straight saves the float32 y and the cast
+    pass forward, and the cast of the gradient back to float32 in backward (the kernel reads a bf16
+    gradient as it is). The gradients are the same bits."""
+    load()
+    return torch.ops.minimind.fused_rms_norm_forward_to(x, weight, eps, dtype)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -326,3 +326,38 @@ def test_auto_falls_back_to_eager_with_one_warning_where_the_kernels_cannot_run(
         warnings.simplefilter("error")                        # said once: no second warning
         auto(x)
     assert ops._available is False
+
+
+# ----------------------------------------------------------------------------- under CPU autocast
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_under_autocast_y_comes_in_autocast_dtype_with_the_same_bits_and_gradients(low):
+    """RMSNorm under CPU autocast writes y in autocast's dtype: the bits the next product's cast
+    makes of the float32 y, and the same gradients (the kernel reads the low-precision gradient)."""
+    x, w, _ = make_inputs((3, 37, 64), torch.float32, seed=3)
+    W = torch.randn(48, 64, generator=torch.Generator().manual_seed(4))
+    gy = torch.randn(3, 37, 48, generator=torch.Generator().manual_seed(5))
+
+    def run(norm):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=low):
+            y = norm(xi, wi)
+            out = torch.nn.functional.linear(y, W)
+        (out.float() * gy).sum().backward()
+        return y, xi.grad, wi.grad
+
+    module = RMSNorm(64)                                            # "auto": fused on a CPU
+    y, dx, dw = run(lambda xi, wi: torch.func.functional_call(module, {"weight": wi}, (xi,)))
+    y_ref, dx_ref, dw_ref = run(lambda xi, wi: ops.fused_rms_norm(xi, wi, 1e-5))
+    assert y.dtype == low and y_ref.dtype == torch.float32
+    assert torch.equal(y, y_ref.to(low))
+    assert torch.equal(dx, dx_ref) and torch.equal(dw, dw_ref)
+    assert module(x).dtype == torch.float32                         # outside autocast: float32
+
+
+def test_forward_to_opcheck_and_bad_input():
+    x, w, _ = make_inputs((4, 9, 40), torch.float32, seed=6)
+    torch.library.opcheck(torch.ops.minimind.fused_rms_norm_forward_to, (x, w, 1e-5, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="x and weight must be float32"):
+        torch.ops.minimind.fused_rms_norm_forward_to(x.bfloat16(), w, 1e-5, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="dtype must be bfloat16 or float16"):
+        torch.ops.minimind.fused_rms_norm_forward_to(x, w, 1e-5, torch.float64)
