@@ -8,17 +8,21 @@ becomes a matrix-vector product that reads every weight once and does two FLOPs 
 so its speed is the speed of reading W from memory. The whole model's weights (~100 MB in
 float32) are read once per generated token.
 
-On a CPU, `F.linear` hands such a product to the BLAS as a GEMM with one column, and measured on
-this project's machines that reads weights at ~10 GB/s, a third of what the memory delivers
-(`benchmarks/bench_generate.py --steps-only` prints both). Splitting W into `c` blocks of rows
+On a CPU, `F.linear` hands such a product to the BLAS (MKL) as a GEMM with one column. On an AMD
+EPYC that reads weights at ~10 GB/s, a third of what the memory delivers; on an Intel Xeon MKL's
+own path runs it at full speed (`benchmarks/bench_generate.py --steps-only` prints both: the
+decode step's products take 3.9 ms through `F.linear` and 12.4 ms through the batched form on a
+2-core Xeon, 9.5 and 3.9 ms on a 2-core EPYC). MKL takes its own code paths on Intel CPUs, the
+likely cause (one machine of each vendor was measured), so the choice here follows the vendor
+(`FEW_ROWS_BATCHED`): on a non-Intel CPU, splitting W into `c` blocks of rows
 and running the blocks as one batched product (`torch.bmm`, c problems of (N/c, K) x (K, R)) takes
 another path through the library that streams W at close to the memory's speed: the same dot
 products, each still summed over the full K, so the result differs from `F.linear`'s only by
 float rounding.
 
 `Linear` keeps `nn.Linear`'s parameters and state-dict names (`weight`, `bias`), so every
-checkpoint loads unchanged; only the forward differs, and only for float32 inputs on a CPU with
-at most `FEW_ROWS` rows. Everything else (training, GPUs, bf16) is `F.linear`.
+checkpoint loads unchanged; only the forward differs, and only for float32 inputs on a non-Intel
+CPU with at most `FEW_ROWS` rows. Everything else (training, GPUs, bf16, Intel CPUs) is `F.linear`.
 
 `shared_input_linear` is the other half: under autocast, several layers that read the same input
 (q/k/v, gate/up) run as one product over their stacked weights, each keeping its own parameters.
@@ -31,6 +35,22 @@ from torch import nn
 
 FEW_ROWS = 8          # above this the GEMM is no longer bound by reading W, and F.linear wins
 BLOCKS = (8, 4, 2)    # the first that divides the output size N is used
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def batched_is_faster(vendor: str, mkl: bool) -> bool:
+    """Whether `few_rows_linear` beats F.linear for a few rows: with MKL on a known non-Intel CPU."""
+    return mkl and vendor not in ("", "GenuineIntel")
+
+
+FEW_ROWS_BATCHED = batched_is_faster(_cpu_vendor(), torch.backends.mkl.is_available())
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,10 +68,11 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` whose forward uses `few_rows_linear` for a few float32 rows on a CPU (decoding)."""
+    """`nn.Linear` whose forward uses `few_rows_linear` for a few float32 rows on a CPU where that is
+    the faster product (decoding; `FEW_ROWS_BATCHED`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        if (FEW_ROWS_BATCHED and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and x.numel() <= FEW_ROWS * self.in_features and self.weight.is_contiguous()
                 and not torch.is_autocast_enabled("cpu")):
             return few_rows_linear(x, self.weight, self.bias)

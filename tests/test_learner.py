@@ -157,6 +157,8 @@ def lessons(tmp_path, monkeypatch):
     """A copy of lessons/ (stubs untouched), an empty grading cache, no learner mode left behind."""
     root = tmp_path / "lessons"
     shutil.copytree(ROOT / "lessons", root, ignore=shutil.ignore_patterns("__pycache__", "*.md"))
+    from minimind_v import kernel_build
+    monkeypatch.setenv("MINIMIND_V_KERNEL_CACHE", str(kernel_build._cache_root()))   # built kernels: reused
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     learner.deactivate()

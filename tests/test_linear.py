@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimind_v import linear
 from minimind_v.linear import FEW_ROWS, Linear, few_rows_linear, shared_input_linear
 
 
@@ -28,7 +29,8 @@ def test_few_rows_linear_keeps_leading_dims():
     torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_takes_the_few_rows_path_only_for_few_float32_rows():
+def test_linear_takes_the_few_rows_path_only_for_few_float32_rows(monkeypatch):
+    monkeypatch.setattr(linear, "FEW_ROWS_BATCHED", True)            # as on an AMD CPU
     torch.manual_seed(0)
     layer = Linear(48, 40)
     few = torch.randn(1, FEW_ROWS, 48)
@@ -40,6 +42,17 @@ def test_linear_takes_the_few_rows_path_only_for_few_float32_rows():
     assert torch.equal(layer64(x64), F.linear(x64, layer64.weight, layer64.bias))
     with torch.autocast("cpu", dtype=torch.bfloat16):                    # autocast decides, as in nn.Linear
         assert layer(few).dtype == torch.bfloat16
+    monkeypatch.setattr(linear, "FEW_ROWS_BATCHED", False)           # as on an Intel CPU: F.linear
+    assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
+
+
+def test_the_batched_form_is_chosen_by_cpu_vendor():
+    assert linear.batched_is_faster("AuthenticAMD", mkl=True)
+    assert not linear.batched_is_faster("GenuineIntel", mkl=True)
+    assert not linear.batched_is_faster("AuthenticAMD", mkl=False)          # another BLAS: unmeasured
+    assert not linear.batched_is_faster("", mkl=True)                        # unknown: torch's own
+    assert linear.FEW_ROWS_BATCHED == linear.batched_is_faster(linear._cpu_vendor(),
+                                                                torch.backends.mkl.is_available())
 
 
 def test_linear_is_nn_linear_to_a_checkpoint_and_to_autograd():
