@@ -211,9 +211,10 @@ void backward_kernel(const out_t* g, const x_t* x, const at::opmath_type<x_t>* w
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_rms_norm_forward_cpu(const at::Tensor& x_in,
-                                                              const at::Tensor& weight, double eps) {
-  const auto out_dtype = check_and_out_dtype(x_in, weight, "fused_rms_norm_forward");
+// y in out_dtype: x's dtype; float32 for a bf16/fp16 x (promote with a float32 w); or, for a float32
+// x, bf16/fp16 (`fused_rms_norm_forward_to`). The caller has checked the dtypes.
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at::Tensor& weight, double eps,
+                                                at::ScalarType out_dtype) {
   const at::Tensor x = x_in.contiguous();
   const int64_t D = x.size(-1);
   const int64_t N = D == 0 ? 0 : x.numel() / D;
@@ -226,15 +227,30 @@ std::tuple<at::Tensor, at::Tensor> fused_rms_norm_forward_cpu(const at::Tensor& 
   const at::Tensor w = weight.to(acc_dtype).contiguous();  // (D,) in the accumulation type
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_rms_norm_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    acc_t* rp = rstd.data_ptr<acc_t>();
     if (out_dtype == x.scalar_type()) {
-      forward_kernel<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
-                                         y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), N, D, eps);
-    } else if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      forward_kernel<scalar_t, float>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
-                                      y.data_ptr<float>(), rstd.data_ptr<acc_t>(), N, D, eps);
+      forward_kernel<scalar_t, scalar_t>(xp, wp, y.data_ptr<scalar_t>(), rp, N, D, eps);
+    } else if constexpr (!std::is_same_v<scalar_t, acc_t>) {              // bf16/fp16 x -> float32 y
+      forward_kernel<scalar_t, float>(xp, wp, y.data_ptr<float>(), rp, N, D, eps);
+    } else {                                                               // float32 x -> bf16/fp16 y
+      const float* xf = x.const_data_ptr<float>();
+      const float* wf = w.const_data_ptr<float>();
+      float* rf = rstd.data_ptr<float>();
+      if (out_dtype == at::kBFloat16) {
+        forward_kernel<float, at::BFloat16>(xf, wf, y.data_ptr<at::BFloat16>(), rf, N, D, eps);
+      } else {
+        forward_kernel<float, at::Half>(xf, wf, y.data_ptr<at::Half>(), rf, N, D, eps);
+      }
     }
   });
   return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_rms_norm_forward_cpu(const at::Tensor& x_in,
+                                                              const at::Tensor& weight, double eps) {
+  return forward_impl(x_in, weight, eps, check_and_out_dtype(x_in, weight, "fused_rms_norm_forward"));
 }
 
 // Under autocast: float32 x and w, y written straight in autocast's dtype (bf16/fp16), the value
@@ -247,23 +263,7 @@ std::tuple<at::Tensor, at::Tensor> fused_rms_norm_forward_to_cpu(const at::Tenso
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
               "fused_rms_norm_forward_to: dtype must be bfloat16 or float16, got ", dtype);
   check_and_out_dtype(x_in, weight, "fused_rms_norm_forward_to");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t D = x.size(-1);
-  const int64_t N = D == 0 ? 0 : x.numel() / D;
-  at::Tensor y = at::empty(x.sizes(), x.options().dtype(dtype));
-  auto rstd_shape = x.sizes().vec();
-  rstd_shape.pop_back();
-  at::Tensor rstd = at::empty(rstd_shape, x.options());
-  if (N == 0 || D == 0) return {y, rstd};
-  const at::Tensor w = weight.contiguous();
-  if (dtype == at::kBFloat16) {
-    forward_kernel<float, at::BFloat16>(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
-                                        y.data_ptr<at::BFloat16>(), rstd.data_ptr<float>(), N, D, eps);
-  } else {
-    forward_kernel<float, at::Half>(x.const_data_ptr<float>(), w.const_data_ptr<float>(),
-                                    y.data_ptr<at::Half>(), rstd.data_ptr<float>(), N, D, eps);
-  }
-  return {y, rstd};
+  return forward_impl(x_in, weight, eps, dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_rms_norm_backward_cpu(const at::Tensor& grad_y,
@@ -298,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> fused_rms_norm_backward_cpu(const at::Tensor&
                              num_blocks, N, D);
     };
     if (gt == at::kBFloat16) run(g.const_data_ptr<at::BFloat16>()); else run(g.const_data_ptr<at::Half>());
-  } else
+  } else {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_rms_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (out_dtype == x.scalar_type()) {
@@ -313,6 +313,7 @@ std::tuple<at::Tensor, at::Tensor> fused_rms_norm_backward_cpu(const at::Tensor&
                                        num_blocks, N, D);
     }
   });
+  }
   // Add the block partials in block order, columns in parallel: the same bits on every run.
   at::Tensor dw = at::empty({D}, x.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "fused_rms_norm_dw", [&] {

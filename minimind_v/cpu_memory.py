@@ -15,14 +15,16 @@ The process keeps its peak size (a training run reaches it again every step anyw
 """
 from __future__ import annotations
 
+import functools
 import os
 
 ENV = "MINIMIND_V_KEEP_FREED_MEMORY"
 
 
+@functools.cache        # a process-wide setting: every later model built reuses the first answer
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds (process-wide, once is enough). Linux with glibc only:
-    elsewhere, or with MINIMIND_V_KEEP_FREED_MEMORY=0, nothing changes. Returns whether it applied."""
+    """Raise glibc's mmap and trim thresholds, once per process. Linux with glibc only: elsewhere,
+    or with MINIMIND_V_KEEP_FREED_MEMORY=0, nothing changes. Returns whether it applied."""
     import ctypes
     import platform
     if os.environ.get(ENV, "1") == "0":

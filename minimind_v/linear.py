@@ -72,12 +72,12 @@ class Linear(nn.Linear):
     the faster product (decoding; `FEW_ROWS_BATCHED`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (FEW_ROWS_BATCHED and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        if (FEW_ROWS_BATCHED and x.device.type == "cpu"
+                and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and x.numel() <= FEW_ROWS * self.in_features and self.weight.is_contiguous()
                 and not torch.is_autocast_enabled("cpu")):
             return few_rows_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
-
 
 
 def shared_input_linear(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:

@@ -44,7 +44,6 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import atomic_save
-from .cpu_memory import keep_freed_memory
 from .distributed import autocast, rng_state, seed_everything, setup_distributed
 from .freeze import FREEZE_RULES, GROUPS, apply_freeze, model_parts, param_groups
 from .features import with_feature_cache
@@ -275,8 +274,6 @@ def _train(model, dataset, collate, tcfg: TrainConfig, out_dir: Path, log, on_st
         f"of {count_parameters(model):,} parameters")
     model.to(device)
     parts = model_parts(model)
-    if device.type == "cpu":
-        keep_freed_memory()                                 # no page faults for every step's tensors
 
     # -- optimizer, precision
     # fused: one kernel updates every tensor of a group (the same rule as the for-loop AdamW)
