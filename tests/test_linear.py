@@ -137,4 +137,4 @@ def test_shared_input_linear_under_bf16_autocast():
         want = [layer(x) for layer in layers]
     for g, w in zip(got, want):
         assert g.dtype == torch.bfloat16
-        torch.testing.assert_close(g.float(), w.float(), rtol=8e-3, atol=1e-3)
+        torch.testing.assert_close(g.float(), w.float(), rtol=8e-3, atol=1e-5)   # at most one bf16 step
